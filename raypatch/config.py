@@ -1,0 +1,399 @@
+"""The one typed config tree, its validation, dict round trip and dotted overrides.
+
+Only the standard library is imported here (YAML is imported lazily), so drivers, Tune search spaces and
+tests can build and check configs without torch, Ray or a GPU. Plain dicts exist only at the Ray boundary:
+`cfg.to_dict()` goes in, `Config.from_dict(d)` comes out, and both reject unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FAMILIES = ("llama", "qwen2", "gpt_neox")
+
+
+def _fail(name: str, msg: str) -> None:
+    raise ValueError(f"config field '{name}': {msg}")
+
+
+def _positive(obj: Any, prefix: str, *names: str) -> None:
+    for n in names:
+        if getattr(obj, n) <= 0:
+            _fail(f"{prefix}.{n}", f"must be > 0, got {getattr(obj, n)!r}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    family: str = "llama"
+    """Hugging Face architecture built from scratch: llama, qwen2 or gpt_neox."""
+    vocab_size: int = 8192
+    """Rows of the embedding table; must be at least the tokenizer's vocabulary."""
+    hidden_size: int = 256
+    """Model width d."""
+    intermediate_size: int = 688
+    """FFN width (SwiGLU for llama and qwen2, GELU MLP for gpt_neox)."""
+    num_layers: int = 4
+    """Decoder layers."""
+    num_heads: int = 4
+    """Attention heads."""
+    num_kv_heads: int = 0
+    """Key/value heads for grouped-query attention; 0 means num_heads."""
+    max_position_embeddings: int = 2048
+    """Largest position id; patch and token phases both use positions 0..T-1."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    init_std: float = 0.02
+    """Std of the normal weight init."""
+    tie_embeddings: bool = False
+    """Share the input embedding and LM head (the paper's Llama does not)."""
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            _fail("model.family", f"must be one of {FAMILIES}, got {self.family!r}")
+        _positive(self, "model", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                  "num_heads", "max_position_embeddings", "init_std")
+        if self.hidden_size % self.num_heads:
+            _fail("model.hidden_size", f"{self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
+        kv = self.num_kv_heads or self.num_heads
+        if kv < 0 or self.num_heads % kv:
+            _fail("model.num_kv_heads", f"{self.num_kv_heads} must divide model.num_heads={self.num_heads}")
+
+
+@dataclass(kw_only=True)
+class PatchConfig:
+    k: int = 4
+    """Patch size K: tokens averaged into one patch in the patch phase (1 = token-level only)."""
+    lam: float = 2 / 3
+    """Fraction λ of the data trained at patch level; the rest is trained at token level."""
+    context: str = "patches"
+    """'patches': a patch-phase row is K·T tokens read as T patches (the paper); 'tokens': T tokens as T/K."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            _fail("patch.k", f"must be >= 1, got {self.k}")
+        if not 0.0 <= self.lam < 1.0:
+            _fail("patch.lam", f"must be in [0, 1), got {self.lam}")
+        if self.context not in ("patches", "tokens"):
+            _fail("patch.context", f"must be 'patches' or 'tokens', got {self.context!r}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    shards: str = ""
+    """Directory holding manifest.json and the Parquet token shards made by `raypatch prepare`."""
+    seq_len: int = 2048
+    """T: model positions per row, the same in both phases."""
+    max_tokens: int = 0
+    """D: train on the first D tokens of the stream; 0 = every token in the shards."""
+    read_cpus: float = 0.25
+    """Logical CPUs each Ray Data read task asks for (keep below what Train leaves free)."""
+    prefetch_batches: int = 4
+    """Micro-batches each worker's Ray Data iterator keeps ready ahead of the step."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "data", "seq_len", "read_cpus")
+        if self.max_tokens < 0:
+            _fail("data.max_tokens", f"must be >= 0, got {self.max_tokens}")
+        if self.prefetch_batches < 0:
+            _fail("data.prefetch_batches", f"must be >= 0, got {self.prefetch_batches}")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate, the same in both phases."""
+    min_lr: float = 0.0
+    """Learning rate at the end of each phase's cosine decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices and embeddings (not on norms and biases)."""
+    warmup_steps: int = 2000
+    """Linear warmup steps at the start of each phase (the LR schedule restarts at the switch)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    tokens_per_step: int = 2**21
+    """Global tokens per optimizer step, the same in both phases."""
+    micro_batch_size: int = 4
+    """Rows per worker per forward; gradient accumulation makes up the rest of tokens_per_step."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "optim", "lr", "eps", "tokens_per_step", "micro_batch_size")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            _fail("optim.min_lr", f"must be in [0, optim.lr={self.lr}], got {self.min_lr}")
+        for n in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, n) < 1.0:
+                _fail(f"optim.{n}", f"must be in [0, 1), got {getattr(self, n)}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
+            _fail("optim", "weight_decay, grad_clip and warmup_steps must be >= 0")
+
+
+@dataclass(kw_only=True)
+class PhasesConfig:
+    keep_optimizer: bool = False
+    """Carry AdamW state and LR schedule across the switch (the paper resets both: False)."""
+    patch_only: bool = False
+    """Stop after the patch phase (λ of the data) and skip the token phase."""
+
+
+@dataclass(kw_only=True)
+class ScaleConfig:
+    num_workers: int = 2
+    """Ray Train workers (data-parallel ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL) instead of CPU workers (gloo)."""
+    cpus_per_worker: float = 1.0
+    """Logical CPUs each Train worker reserves; leave some for Ray Data."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 1, 2 or 3."""
+    precision: str = "bf16"
+    """Training precision: bf16 or fp32 (fp16 is refused on CPU)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "scale", "num_workers", "cpus_per_worker")
+        if self.zero_stage not in (1, 2, 3):
+            _fail("scale.zero_stage", f"must be 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in ("bf16", "fp32"):
+            _fail("scale.precision", f"must be 'bf16' or 'fp32', got {self.precision!r}")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    storage_path: str = "runs"
+    """Ray Train storage path (local directory or s3:// URI); the run lives in <storage_path>/<name>."""
+    name: str = "raypatch"
+    """Run name; rerunning with the same name and storage path resumes the run."""
+    every_steps: int = 0
+    """Checkpoint every N optimizer steps (0 = only at the phase switch and at the end)."""
+    keep: int = 3
+    """Checkpoints kept on storage."""
+    max_failures: int = 0
+    """Restarts from the last checkpoint allowed after a worker failure."""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            _fail("checkpoint.name", f"must be a non-empty name without '/', got {self.name!r}")
+        if self.every_steps < 0 or self.keep < 1:
+            _fail("checkpoint", "every_steps must be >= 0 and keep >= 1")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    every_steps: int = 0
+    """Token-level (K=1) validation every N optimizer steps (0 = only at the switch and the end)."""
+    max_rows: int = 64
+    """Rows of T tokens scored per validation set."""
+    wikitext: str = ""
+    """JSONL(.gz) of WikiText-103 test documents for out-of-domain perplexity ('' = skip)."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The sequence model."""
+    patch: PatchConfig = field(default_factory=PatchConfig)
+    """Patch size K and patch fraction λ."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Token shards, context length and data budget."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and the per-phase schedule."""
+    phases: PhasesConfig = field(default_factory=PhasesConfig)
+    """What crosses the patch→token switch."""
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    """Workers, devices and ZeRO stage."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Where and how often to checkpoint."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Token-level validation."""
+    seed: int = 0
+    """Seed for weights and anything random in the loop."""
+    log_every: int = 10
+    """One log line every N optimizer steps."""
+
+    def __post_init__(self) -> None:
+        if self.data.seq_len > self.model.max_position_embeddings:
+            _fail("data.seq_len", f"{self.data.seq_len} exceeds model.max_position_embeddings="
+                  f"{self.model.max_position_embeddings}")
+        if self.patch.context == "tokens" and self.data.seq_len % self.patch.k:
+            _fail("patch.k", f"K={self.patch.k} does not divide the patch-phase block of "
+                  f"data.seq_len={self.data.seq_len} tokens (patch.context='tokens')")
+        if self.log_every < 1:
+            _fail("log_every", f"must be >= 1, got {self.log_every}")
+        # Every phase's optimizer step must split into whole micro-batches on every worker.
+        for name, block in (("patch", self.patch_block_tokens), ("token", self.data.seq_len)):
+            if name == "patch" and self.patch.lam == 0:
+                continue
+            per_micro = block * self.optim.micro_batch_size * self.scale.num_workers
+            if self.optim.tokens_per_step % per_micro:
+                _fail("optim.tokens_per_step", f"{self.optim.tokens_per_step} does not divide across "
+                      f"{self.scale.num_workers} workers x {self.optim.micro_batch_size} rows x {block} "
+                      f"tokens per {name}-phase row (needs a multiple of {per_micro})")
+
+    @property
+    def patch_block_tokens(self) -> int:
+        """Tokens per patch-phase row: K·T (the paper) or T (patch.context='tokens')."""
+        return self.data.seq_len * (self.patch.k if self.patch.context == "patches" else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        return _build(cls, d, "")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, d: Any, prefix: str) -> Any:
+    if not isinstance(d, dict):
+        _fail(prefix.rstrip(".") or "<root>", f"expected a mapping, got {type(d).__name__}")
+    hints = _field_types(cls)
+    kwargs = {}
+    for key, value in d.items():
+        if key not in hints:
+            _fail(prefix + key, f"unknown key (known: {', '.join(sorted(hints))})")
+        t = hints[key]
+        if dataclasses.is_dataclass(t):
+            kwargs[key] = _build(t, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, t, prefix + key)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, t: Any, name: str) -> Any:
+    """Check (and for strings from the command line, parse) a leaf value against its annotation."""
+    if isinstance(t, types.UnionType):  # `int | None`
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        t = next(a for a in t.__args__ if a is not type(None))
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        _fail(name, f"expected a bool, got {value!r}")
+    if t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value.replace("_", ""))
+            except ValueError:
+                f = None
+            if f is not None and f.is_integer():
+                return int(f)
+            if value.startswith("2**") and value[3:].isdigit():
+                return 2 ** int(value[3:])
+        _fail(name, f"expected an int, got {value!r}")
+    if t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                if "/" in value:  # fractions such as lam=2/3
+                    a, b = value.split("/")
+                    return float(a) / float(b)
+                return float(value)
+            except (ValueError, ZeroDivisionError):
+                pass
+        _fail(name, f"expected a float, got {value!r}")
+    if t is str:
+        if isinstance(value, str):
+            return value
+        _fail(name, f"expected a string, got {value!r}")
+    raise TypeError(f"unsupported annotation {t!r} for {name}")
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Return a new validated config with dotted `key=value` overrides applied (unknown keys raise)."""
+    d = cfg.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key=value, for example optim.lr=3e-4")
+        key, value = item.split("=", 1)
+        node: Any = d
+        parts = key.strip().split(".")
+        for i, p in enumerate(parts):
+            if not isinstance(node, dict) or p not in node:
+                _fail(key, "unknown key")
+            if i == len(parts) - 1:
+                if isinstance(node[p], dict):
+                    _fail(key, "is a section; set one of its fields")
+                node[p] = value
+            else:
+                node = node[p]
+    return Config.from_dict(d)
+
+
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict in place (used for Tune spaces over dotted keys)."""
+    parts = key.split(".")
+    for p in parts[:-1]:
+        if p not in d or not isinstance(d[p], dict):
+            _fail(key, "unknown key")
+        d = d[p]
+    if parts[-1] not in d:
+        _fail(key, "unknown key")
+    d[parts[-1]] = value
+
+
+def load_config(source: str, overrides: list[str] | None = None) -> Config:
+    """A preset name or a YAML file (which may name a base `preset:`), then dotted overrides."""
+    from raypatch import presets
+
+    path = Path(source)
+    flat: list[str] = []
+    if source in presets.PRESETS:
+        cfg = presets.get(source)
+    elif path.suffix in (".yaml", ".yml", ".json") and path.exists():
+        if path.suffix == ".json":
+            d = json.loads(path.read_text())
+        else:
+            import yaml
+
+            d = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(d, dict):
+            raise ValueError(f"config file {path}: expected a mapping at the top level")
+        base = d.pop("preset", None)
+        cfg = presets.get(base) if base else Config()
+        flat = [f"{k}={v}" for k, v in _flatten(d)]
+    elif path.suffix in (".yaml", ".yml", ".json"):
+        raise ValueError(f"config file {source}: not found")
+    else:
+        raise ValueError(f"unknown preset {source!r} (known: {', '.join(presets.PRESETS)}; or a .yaml file)")
+    # File values and command-line overrides are applied together, so that the combination is validated
+    # once (a file may set K while the command line fixes tokens_per_step to match).
+    return apply_overrides(cfg, flat + list(overrides or []))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", "none" if v is None else v))
+    return out
+
+
+def to_yaml(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

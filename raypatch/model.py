@@ -1,0 +1,85 @@
+"""Hugging Face causal LMs built from scratch, and their patch-mode and token-mode losses.
+
+The weights stay an unchanged HF model: patch mode only changes what is fed in (averaged K-token embeddings
+through `inputs_embeds`, position ids 0..T-1) and how the output is scored, so a patch-trained model is an
+ordinary HF model that `save_pretrained`, `from_pretrained` and `generate` handle as usual.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from raypatch.config import ModelConfig
+from raypatch.patching import next_patch_loss, patch_embeddings
+
+
+def hf_config(cfg: ModelConfig) -> PretrainedConfig:
+    """The transformers config for `cfg` (no download: classes are built from local code)."""
+    kv = cfg.num_kv_heads or cfg.num_heads
+    if cfg.family in ("llama", "qwen2"):
+        if cfg.family == "llama":
+            from transformers import LlamaConfig as C
+        else:
+            from transformers import Qwen2Config as C
+        return C(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=kv,
+            max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
+            initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings, rms_norm_eps=1e-6,
+            use_cache=True, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        )
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings, rotary_emb_base=cfg.rope_theta,
+        initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings, use_cache=True,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+
+
+def build_model(cfg: ModelConfig, *, seed: int | None = None) -> PreTrainedModel:
+    """A freshly initialised causal LM of `cfg.family` (fp32; DeepSpeed casts for bf16)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=torch.float32)
+    model.config.use_cache = False  # training never needs the KV cache; export turns it back on
+    return model
+
+
+def num_params(model: torch.nn.Module, *, exclude_embeddings: bool = False) -> int:
+    n = sum(p.numel() for p in model.parameters())
+    if exclude_embeddings:
+        n -= model.get_input_embeddings().weight.numel()
+    return n
+
+
+def lm_loss(model: PreTrainedModel, input_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Training loss of one batch of rows: next-patch loss for K>1, ordinary next-token loss for K=1.
+
+    input_ids: (B, K·T) in the patch phase, (B, T) in the token phase.
+    """
+    return next_patch_loss(patch_logits(model, input_ids, k), input_ids, k)
+
+
+def patch_logits(model: PreTrainedModel, input_ids: torch.Tensor, k: int) -> torch.Tensor:
+    """One output distribution per patch: (B, K·T) ids -> (B, T, V) logits; K=1 is the ordinary forward."""
+    if k == 1:
+        return model(input_ids=input_ids).logits  # (B, T, V)
+    embeds = model.get_input_embeddings()(input_ids)  # (B, K·T, D)
+    patches = patch_embeddings(embeds, k)  # (B, T, D)
+    b, t, _ = patches.shape
+    # Patch j sits at position j (not jK): both phases use positions 0..T-1 (patch-spec §1).
+    position_ids = torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)  # (B, T)
+    return model(inputs_embeds=patches, position_ids=position_ids).logits  # (B, T, V)
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int, where: str) -> None:
+    """Raise a one-line ValueError when a token id falls outside the embedding table."""
+    hi = int(input_ids.max())
+    lo = int(input_ids.min())
+    if hi >= vocab_size or lo < 0:
+        raise ValueError(f"{where}: token id {hi if hi >= vocab_size else lo} is outside the model's "
+                         f"vocabulary [0, {vocab_size}) (model.vocab_size)")
