@@ -1,0 +1,292 @@
+"""The streaming patch-packer: token shards -> fixed blocks of K·T (patch phase) or T (token phase) tokens.
+
+The train split of a shard set is one token stream: its documents concatenated across row and shard
+boundaries in manifest order, with no padding. Every block has a number computed from the manifest alone, so
+any worker can start at any block and nothing has to be replayed to resume:
+
+- The patch phase reads blocks of K·T tokens from offset 0 up to λ·D; the token phase reads blocks of T
+  tokens from λ·D up to D. The phases are disjoint. A token-only baseline (λ=0) reads the same stream from 0.
+  What is left over at the end of a phase, shorter than one block, is not trained on (the documented tail).
+- Optimizer step s of a phase takes the blocks [s·B, (s+1)·B), B = tokens_per_step / block_tokens. Within a
+  step, worker r of N takes the contiguous run [s·B + r·B/N, s·B + (r+1)·B/N). The cursor is the number of
+  blocks of the phase already trained, so resuming with any N (that divides B) re-splits the same blocks.
+
+Ray Data has no resume of a stream mid-epoch (Ray issues 37633, 48224), and streaming_split drops tail rows
+(issue 63285), so each Train worker builds its own ordered Ray Data pipeline over exactly its blocks.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raypatch.prepare import FORMAT, MANIFEST, InputError, file_sha256
+
+
+def load_manifest(shards_dir: str, *, verify: str = "size") -> dict[str, Any]:
+    """Read manifest.json and check it against the shards on disk ('size', or 'full' to hash every shard)."""
+    d = Path(shards_dir)
+    path = d / MANIFEST
+    if not path.exists():
+        raise InputError(f"shards {shards_dir}: no {MANIFEST} (make one with `raypatch prepare`)")
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e.msg})") from None
+    if m.get("format") != FORMAT:
+        raise InputError(f"{path}: format {m.get('format')!r}, expected {FORMAT!r}")
+    for split in m["splits"].values():
+        for s in split["shards"]:
+            f = d / s["file"]
+            if not f.exists():
+                raise InputError(f"shard {f}: listed in the manifest but missing on disk")
+            size = f.stat().st_size
+            if size != s["bytes"]:
+                raise InputError(f"shard {f}: {size} bytes on disk, the manifest says {s['bytes']} "
+                                 f"(the shards changed since `raypatch prepare`; rerun it)")
+            if verify == "full" and file_sha256(f) != s["sha256"]:
+                raise InputError(f"shard {f}: sha256 differs from the manifest (the shards changed since "
+                                 f"`raypatch prepare`; rerun it)")
+    return m
+
+
+class TokenStream:
+    """One split of a shard set as a single concatenated token stream, readable at any [start, end)."""
+
+    def __init__(self, shards_dir: str, split: str = "train", *, verify: str = "size",
+                 manifest: dict[str, Any] | None = None) -> None:
+        self.dir = Path(shards_dir)
+        self.split = split
+        self.manifest = manifest if manifest is not None else load_manifest(shards_dir, verify=verify)
+        if split not in self.manifest["splits"]:
+            raise InputError(f"shards {shards_dir}: no split {split!r}")
+        self.shards = self.manifest["splits"][split]["shards"]
+        self.starts: list[int] = []  # global token offset of each shard
+        self.rg_starts: list[list[int]] = []  # shard-relative offset of each row group
+        pos = 0
+        for s in self.shards:
+            self.starts.append(pos)
+            rg = [0]
+            for n in s["row_group_tokens"]:
+                rg.append(rg[-1] + n)
+            self.rg_starts.append(rg)
+            pos += s["tokens"]
+        self.total_tokens = pos
+        self._files: dict[int, pq.ParquetFile] = {}
+
+    def _file(self, i: int) -> pq.ParquetFile:
+        if i not in self._files:
+            path = self.dir / self.shards[i]["file"]
+            pf = pq.ParquetFile(path)
+            schema = pf.schema_arrow
+            if "input_ids" not in schema.names:
+                raise InputError(f"shard {path}: no column 'input_ids' (columns: {', '.join(schema.names)})")
+            t = schema.field("input_ids").type
+            if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_integer(t.value_type):
+                raise InputError(f"shard {path}: column 'input_ids' has type {t}, expected a list of integers")
+            if pf.num_row_groups != len(self.shards[i]["row_group_tokens"]):
+                raise InputError(f"shard {path}: {pf.num_row_groups} row groups on disk, the manifest says "
+                                 f"{len(self.shards[i]['row_group_tokens'])} (rerun `raypatch prepare`)")
+            self._files[i] = pf
+        return self._files[i]
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        """Tokens [start, end) of the stream as int32, reading only the row groups that overlap it."""
+        if not 0 <= start <= end <= self.total_tokens:
+            raise ValueError(f"token range [{start}, {end}) outside the stream of {self.total_tokens} tokens")
+        out = np.empty(end - start, dtype=np.int32)
+        pos = start
+        i = bisect.bisect_right(self.starts, start) - 1
+        while pos < end:
+            s0 = self.starts[i]
+            lo, hi = pos - s0, min(end - s0, self.shards[i]["tokens"])
+            rg = self.rg_starts[i]
+            g0 = bisect.bisect_right(rg, lo) - 1
+            g1 = bisect.bisect_left(rg, hi)  # row groups g0 .. g1-1 overlap [lo, hi)
+            col = self._file(i).read_row_groups(list(range(g0, g1)), columns=["input_ids"]).column(0)
+            flat = pa.concat_arrays([c.flatten() for c in col.chunks]) if col.num_chunks else pa.array([])
+            if len(flat) != rg[g1] - rg[g0]:
+                raise InputError(f"shard {self.dir / self.shards[i]['file']}: row groups {g0}..{g1 - 1} hold "
+                                 f"{len(flat)} tokens, the manifest says {rg[g1] - rg[g0]} (rerun `raypatch prepare`)")
+            vals = flat.to_numpy(zero_copy_only=False)
+            out[pos - start:pos - start + hi - lo] = vals[lo - rg[g0]:hi - rg[g0]]
+            pos += hi - lo
+            i += 1
+        return out
+
+
+# --- the plan: which tokens each phase, step and worker gets -----------------------------------------
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    """One phase's blocks: block g covers stream tokens [start + g·block_tokens, start + (g+1)·block_tokens)."""
+
+    phase: str
+    """'patch' or 'token'."""
+    k: int
+    """Patch size of the loss in this phase (1 in the token phase)."""
+    block_tokens: int
+    """Tokens per row: K·T in the patch phase, T in the token phase."""
+    start: int
+    """Stream token offset of block 0."""
+    token_budget: int
+    """Tokens of the stream given to this phase (λ·D or (1-λ)·D)."""
+    blocks_per_step: int
+    """Global rows per optimizer step (tokens_per_step / block_tokens)."""
+
+    @property
+    def num_blocks(self) -> int:
+        return self.token_budget // self.block_tokens
+
+    @property
+    def num_steps(self) -> int:
+        return self.num_blocks // self.blocks_per_step
+
+    @property
+    def tail_tokens(self) -> int:
+        """Tokens of this phase's share that no full block covers (never delivered)."""
+        return self.token_budget - self.num_blocks * self.block_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_phases(*, stream_tokens: int, seq_len: int, k: int, lam: float, tokens_per_step: int,
+                max_tokens: int = 0, patch_block_tokens: int | None = None, patch_only: bool = False,
+                source: str = "the corpus") -> list[PhasePlan]:
+    """Split the first D tokens of the stream: λ·D for the patch phase, the rest for the token phase."""
+    d = max_tokens or stream_tokens
+    if d > stream_tokens:
+        raise InputError(f"data.max_tokens={d:,} exceeds the {stream_tokens:,} train tokens in {source}")
+    patch_end = math.floor(lam * d)
+    pb = patch_block_tokens or k * seq_len
+    plans = []
+    if lam > 0:
+        plans.append(PhasePlan("patch", k, pb, 0, patch_end, tokens_per_step // pb))
+    if not patch_only:
+        plans.append(PhasePlan("token", 1, seq_len, patch_end, d - patch_end, tokens_per_step // seq_len))
+    for p in plans:
+        if p.num_blocks == 0:
+            raise InputError(f"{source} is too small: the {p.phase} phase gets {p.token_budget:,} tokens, "
+                             f"less than one block of {p.block_tokens:,} tokens")
+        if p.num_steps == 0:
+            raise InputError(f"{source} is too small: the {p.phase} phase gets {p.num_blocks} blocks of "
+                             f"{p.block_tokens} tokens, less than one optimizer step of {p.blocks_per_step} "
+                             f"(optim.tokens_per_step={tokens_per_step:,})")
+    return plans
+
+
+def plan_from_config(cfg: Any, stream_tokens: int) -> list[PhasePlan]:
+    """plan_phases for a raypatch Config."""
+    return plan_phases(stream_tokens=stream_tokens, seq_len=cfg.data.seq_len, k=cfg.patch.k, lam=cfg.patch.lam,
+                       tokens_per_step=cfg.optim.tokens_per_step, max_tokens=cfg.data.max_tokens,
+                       patch_block_tokens=cfg.patch_block_tokens, patch_only=cfg.phases.patch_only,
+                       source=f"data.shards={cfg.data.shards}")
+
+
+def worker_runs(plan: PhasePlan, rank: int, world: int, start_block: int = 0,
+                end_block: int | None = None) -> Iterator[tuple[int, int]]:
+    """(first block, count) runs that worker `rank` of `world` trains on, in order, from `start_block`."""
+    b = plan.blocks_per_step
+    if b % world:
+        raise ValueError(f"{b} {plan.phase}-phase rows per step do not divide across {world} workers")
+    m = b // world
+    end = plan.num_blocks if end_block is None else min(end_block, plan.num_blocks)
+    for s in range(start_block // b, -(-end // b)):
+        lo = max(s * b + rank * m, start_block)
+        hi = min(s * b + (rank + 1) * m, end)
+        if lo < hi:
+            yield lo, hi - lo
+
+
+def iter_blocks(stream: TokenStream, plan: PhasePlan, rank: int = 0, world: int = 1, start_block: int = 0,
+                end_block: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Without Ray: (block index, (block_tokens,) int32) for one worker, in order."""
+    bt = plan.block_tokens
+    for first, count in worker_runs(plan, rank, world, start_block, end_block):
+        toks = stream.read(plan.start + first * bt, plan.start + (first + count) * bt).reshape(count, bt)
+        for i in range(count):
+            yield first + i, toks[i]
+
+
+# --- the Ray Data pipeline ---------------------------------------------------------------------------
+
+_STREAMS: dict[tuple[str, str], TokenStream] = {}
+
+
+def _stream(shards_dir: str, split: str) -> TokenStream:
+    # One open stream per Ray worker process: the manifest is read once, Parquet handles are reused.
+    key = (shards_dir, split)
+    if key not in _STREAMS:
+        _STREAMS[key] = TokenStream(shards_dir, split)
+    return _STREAMS[key]
+
+
+def _read_blocks(batch: dict[str, np.ndarray], *, shards_dir: str, split: str, plan: dict[str, Any], rank: int,
+                 world: int, start_block: int, end_block: int | None) -> dict[str, np.ndarray]:
+    p = PhasePlan(**plan)
+    stream = _stream(shards_dir, split)
+    blocks, rows = [], []
+    for a, b in zip(batch["a"], batch["b"]):
+        hi = int(b) if end_block is None else min(int(b), end_block)
+        for first, count in worker_runs(p, rank, world, max(int(a), start_block), hi):
+            toks = stream.read(p.start + first * p.block_tokens, p.start + (first + count) * p.block_tokens)
+            rows.append(toks.reshape(count, p.block_tokens))  # (count, block_tokens)
+            blocks.append(np.arange(first, first + count, dtype=np.int64))
+    if not rows:
+        return {"block": np.zeros(0, np.int64), "input_ids": np.zeros((0, p.block_tokens), np.int32)}
+    return {"block": np.concatenate(blocks), "input_ids": np.concatenate(rows)}
+
+
+def worker_dataset(plan: PhasePlan, shards_dir: str, rank: int, world: int, start_block: int = 0,
+                   end_block: int | None = None, *, split: str = "train", read_cpus: float = 0.25,
+                   tokens_per_task: int = 1 << 21) -> Any:
+    """An ordered Ray Dataset of exactly worker `rank`'s blocks of `plan` from `start_block`.
+
+    Rows: {'block': int64, 'input_ids': (block_tokens,) int32}. Each read task covers whole optimizer steps
+    (about tokens_per_task tokens of this worker's share) and reads only the row groups it needs.
+    """
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # blocks must reach the step in plan order
+    ctx.enable_progress_bars = False  # the trainer logs data-wait itself; per-dataset bars are noise
+    end = plan.num_blocks if end_block is None else min(end_block, plan.num_blocks)
+    b = plan.blocks_per_step
+    steps_per_task = max(1, tokens_per_task * world // (b * plan.block_tokens))
+    tasks = []
+    s = start_block // b
+    while s * b < end:
+        tasks.append({"a": s * b, "b": min((s + steps_per_task) * b, end)})
+        s += steps_per_task
+    if not tasks:
+        tasks = [{"a": end, "b": end}]
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    return ds.map_batches(
+        _read_blocks, batch_size=1, batch_format="numpy", num_cpus=read_cpus,
+        fn_kwargs={"shards_dir": str(shards_dir), "split": split, "plan": plan.to_dict(), "rank": rank,
+                   "world": world, "start_block": start_block, "end_block": end})
+
+
+def check_vocab(manifest: dict[str, Any], vocab_size: int, source: str) -> None:
+    """The tokenizer behind the shards must fit the model's embedding table."""
+    n = manifest["tokenizer"]["vocab_size"]
+    if n > vocab_size:
+        raise InputError(f"{source}: the shards' tokenizer has {n} tokens, more than model.vocab_size={vocab_size}"
+                         f" (token ids >= {vocab_size} would index past the embedding table)")
+
+
+def val_rows(stream: TokenStream, seq_len: int, max_rows: int) -> np.ndarray:
+    """Up to max_rows consecutive rows of T tokens from the start of a split: (N, T) int32."""
+    n = min(max_rows, stream.total_tokens // seq_len)
+    return stream.read(0, n * seq_len).reshape(n, seq_len)

@@ -1,0 +1,377 @@
+"""Raw text -> tokenized Parquet shards and manifest.json, tokenized in parallel with Ray Data.
+
+Inputs are JSON Lines with a text field, plain .txt (one document per file) or Parquet with a text column,
+each optionally gzip-compressed, given as paths or globs. Ray Data reads one file per task and tokenizes in
+`map_batches` with a fast HF tokenizer; the driver receives documents in input order (preserve_order) and
+writes the shards, so two runs on the same input give byte-identical shards.
+
+Shard layout: one `input_ids` list<int32> column, one document per row, the tokenizer's document separator
+included (EOS appended, or BOS prepended where the tokenizer adds BOS, as Llama's does). Each Parquet row
+group holds about `row_group_tokens` tokens, and the manifest lists every row group's token count, so the
+packer can read any token range of the stream by row group without scanning whole shards.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST = "manifest.json"
+FORMAT = "raypatch-shards/1"
+SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
+EOS = "<|endoftext|>"
+
+
+class InputError(ValueError):
+    """Bad user input: the message names the file, line or field."""
+
+
+# --- reading raw text ------------------------------------------------------------------------------
+
+
+def _kind(path: str) -> str:
+    name = path[:-3] if path.endswith(".gz") else path
+    for s in SUFFIXES:
+        if name.endswith(s):
+            return ".jsonl" if s == ".json" else s
+    raise InputError(f"input {path}: unsupported file type (expected {', '.join(SUFFIXES)}, optionally .gz)")
+
+
+def resolve_inputs(patterns: list[str]) -> list[str]:
+    """Expand paths and globs into a sorted, de-duplicated list of readable files."""
+    if not patterns:
+        raise InputError("no input files given")
+    files: list[str] = []
+    for pat in patterns:
+        matches = sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat]
+        if not matches:
+            raise InputError(f"input {pat}: the pattern matches no file")
+        for m in matches:
+            p = Path(m)
+            if p.is_dir():
+                raise InputError(f"input {m}: is a directory (give files or a glob such as {m}/*.jsonl)")
+            if not p.exists():
+                raise InputError(f"input {m}: no such file")
+            try:
+                with open(p, "rb") as f:
+                    f.read(1)
+            except OSError as e:
+                raise InputError(f"input {m}: cannot be read ({e.strerror or e})") from None
+            _kind(m)
+            files.append(str(p.resolve()))
+    return sorted(dict.fromkeys(files))
+
+
+def _open_text(path: str) -> io.TextIOBase:
+    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    return io.TextIOWrapper(raw, encoding="utf-8", newline="")
+
+
+def iter_documents(path: str, text_field: str = "text") -> Iterator[str]:
+    """Yield the documents of one input file; errors name the file and line."""
+    kind = _kind(path)
+    try:
+        if kind == ".txt":
+            with _open_text(path) as f:
+                yield f.read()
+        elif kind == ".jsonl":
+            with _open_text(path) as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                    if not isinstance(obj, dict) or text_field not in obj:
+                        raise InputError(f"{path}:{lineno}: no '{text_field}' field in this JSON line")
+                    if not isinstance(obj[text_field], str):
+                        raise InputError(f"{path}:{lineno}: field '{text_field}' is "
+                                         f"{type(obj[text_field]).__name__}, expected a string")
+                    yield obj[text_field]
+        else:
+            source = gzip.open(path, "rb") if path.endswith(".gz") else path
+            pf = pq.ParquetFile(source)
+            if text_field not in pf.schema_arrow.names:
+                raise InputError(f"{path}: no column '{text_field}' (columns: {', '.join(pf.schema_arrow.names)})")
+            if not pa.types.is_string(pf.schema_arrow.field(text_field).type) and not pa.types.is_large_string(
+                    pf.schema_arrow.field(text_field).type):
+                raise InputError(f"{path}: column '{text_field}' has type "
+                                 f"{pf.schema_arrow.field(text_field).type}, expected string")
+            for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+                for t in batch.column(0).to_pylist():
+                    yield t or ""
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, pa.ArrowInvalid) as e:
+        raise InputError(f"{path}: cannot be decoded ({type(e).__name__}: {e})") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --- tokenizers ------------------------------------------------------------------------------------
+
+
+def train_tokenizer(inputs: list[str], out_dir: str, *, vocab_size: int = 8192, text_field: str = "text",
+                    min_frequency: int = 2) -> str:
+    """Train a byte-level BPE with the `tokenizers` library and save it as an HF tokenizer directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    files = resolve_inputs(inputs)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+
+    def docs() -> Iterator[str]:
+        for f in files:
+            yield from iter_documents(f, text_field)
+
+    tok.train_from_iterator(docs(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS,
+                                   model_max_length=1 << 30)
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_tokenizer(path: str) -> Any:
+    """A local HF tokenizer directory (nothing is fetched from a hub)."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not p.is_dir() or not any(p.glob("tokenizer*.json")):
+        raise InputError(f"tokenizer {path}: not a local Hugging Face tokenizer directory "
+                         f"(make one with `raypatch tokenizer train`)")
+    tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    if not getattr(tok, "is_fast", False):
+        raise InputError(f"tokenizer {path}: a fast (Rust) tokenizer is required")
+    return tok
+
+
+def separator(tok: Any) -> tuple[int, str, str]:
+    """The document separator: (id, token, 'bos' | 'eos'). BOS where the tokenizer adds it (Llama), else EOS."""
+    if getattr(tok, "add_bos_token", False) and tok.bos_token_id is not None:
+        return tok.bos_token_id, tok.bos_token, "bos"
+    if tok.eos_token_id is not None:
+        return tok.eos_token_id, tok.eos_token, "eos"
+    raise InputError("tokenizer has neither an EOS token nor a BOS token that it adds; cannot separate documents")
+
+
+def tokenizer_info(path: str) -> dict[str, Any]:
+    tok = load_tokenizer(path)
+    sep_id, sep_tok, where = separator(tok)
+    canonical = tok.backend_tokenizer.to_str().encode()
+    return {
+        "path": str(Path(path).resolve()),
+        "name": Path(path).name,
+        "vocab_size": len(tok),
+        "fingerprint": hashlib.sha256(canonical + f"|{sep_id}|{where}".encode()).hexdigest(),
+        "separator": {"id": sep_id, "token": sep_tok, "position": where},
+    }
+
+
+class _Tokenize:
+    """Ray Data UDF: one fast tokenizer per actor; documents -> list<int32> with the separator added."""
+
+    def __init__(self, path: str) -> None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        tok = load_tokenizer(path)
+        self.backend = tok.backend_tokenizer
+        self.sep, _, self.where = separator(tok)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        encs = self.backend.encode_batch([str(t) for t in batch["text"]], add_special_tokens=False)
+        ids = [e.ids + [self.sep] if self.where == "eos" else [self.sep] + e.ids for e in encs]
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(lengths.sum()))
+        offsets = np.zeros(len(ids) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        return {"file": batch["file"], "doc": batch["doc"],
+                "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))}
+
+
+def _read_file(row: dict[str, Any], text_field: str) -> Iterator[dict[str, Any]]:
+    for i, text in enumerate(iter_documents(row["path"], text_field)):
+        if text:  # an empty document would add only a separator
+            yield {"file": row["file"], "doc": i, "text": text}
+
+
+# --- writing shards --------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Writes one split's rows into Parquet shards of ~shard_tokens, row groups of ~row_group_tokens.
+
+    Each shard is written under a temporary name and renamed when complete, so a crash never leaves a
+    truncated file under a shard's name; the manifest, written last, is what makes a shard set valid.
+    """
+
+    SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32()))])
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, row_group_tokens: int) -> None:
+        self.out_dir, self.split = out_dir, split
+        self.shard_tokens, self.row_group_tokens = shard_tokens, row_group_tokens
+        self.shards: list[dict[str, Any]] = []
+        self._pending: list[np.ndarray] = []
+        self._pending_tokens = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._cur: dict[str, Any] = {}
+
+    def add(self, ids: np.ndarray) -> None:
+        self._pending.append(ids)
+        self._pending_tokens += len(ids)
+        if self._pending_tokens >= self.row_group_tokens:
+            self._flush_group()
+            if self._cur["tokens"] >= self.shard_tokens:
+                self._close_shard()
+
+    def _flush_group(self) -> None:
+        if not self._pending:
+            return
+        if self._writer is None:
+            name = f"{self.split}-{len(self.shards):05d}.parquet"
+            self._cur = {"file": name, "rows": 0, "tokens": 0, "row_group_tokens": []}
+            # No dictionary or statistics: token lists gain nothing from them and they cost write time.
+            self._writer = pq.ParquetWriter(self.out_dir / f".{name}.tmp", self.SCHEMA, compression="zstd",
+                                            use_dictionary=False, write_statistics=False)
+        lengths = np.fromiter((len(x) for x in self._pending), dtype=np.int64, count=len(self._pending))
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        col = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(self._pending)))
+        self._writer.write_table(pa.Table.from_arrays([col], schema=self.SCHEMA), row_group_size=len(lengths))
+        self._cur["rows"] += len(lengths)
+        self._cur["tokens"] += self._pending_tokens
+        self._cur["row_group_tokens"].append(self._pending_tokens)
+        self._pending, self._pending_tokens = [], 0
+
+    def _close_shard(self) -> None:
+        assert self._writer is not None
+        self._writer.close()
+        self._writer = None
+        name = self._cur["file"]
+        os.replace(self.out_dir / f".{name}.tmp", self.out_dir / name)
+        self._cur["bytes"] = (self.out_dir / name).stat().st_size
+        self._cur["sha256"] = file_sha256(self.out_dir / name)
+        self.shards.append(self._cur)
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            (self.out_dir / f".{self._cur['file']}.tmp").unlink(missing_ok=True)
+        for s in self.shards:
+            (self.out_dir / s["file"]).unlink(missing_ok=True)
+        self._writer, self.shards = None, []
+
+    def close(self) -> dict[str, Any]:
+        self._flush_group()
+        if self._writer is not None:
+            self._close_shard()
+        return {"shards": self.shards, "rows": sum(s["rows"] for s in self.shards),
+                "tokens": sum(s["tokens"] for s in self.shards)}
+
+
+def prepare(inputs: list[str], tokenizer: str, out_dir: str, *, text_field: str = "text", val_every: int = 50,
+            shard_tokens: int = 1 << 24, row_group_tokens: int = 1 << 16, batch_size: int = 256,
+            num_tokenizers: int = 0, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Tokenize `inputs` into Parquet shards under `out_dir` and write its manifest.json.
+
+    Every `val_every`-th document (0 = none) goes to the held-out `val` split, the rest to `train`.
+    Needs a running Ray cluster (or starts a local one through ray.data).
+    """
+    import ray
+    from tqdm import tqdm
+
+    files = resolve_inputs(inputs)
+    tok = tokenizer_info(tokenizer)
+    out = Path(out_dir)
+    if (out / MANIFEST).exists() and not overwrite:
+        raise InputError(f"output {out}: already holds a manifest.json (pass --overwrite to replace it)")
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.parquet"):
+        if overwrite:
+            old.unlink()
+        else:
+            raise InputError(f"output {out}: already holds shards such as {old.name} (pass --overwrite)")
+    sources = [{"path": f, "bytes": os.path.getsize(f), "sha256": file_sha256(f)} for f in files]
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the driver must see documents in input order
+    ctx.enable_progress_bars = False  # our own bar below counts documents and tokens
+    n = num_tokenizers or max(1, int(ray.available_resources().get("CPU", 1)) if ray.is_initialized() else 1)
+    ds = ray.data.from_items([{"file": i, "path": f} for i, f in enumerate(files)], override_num_blocks=len(files))
+    ds = ds.flat_map(_read_file, fn_kwargs={"text_field": text_field})
+    ds = ds.map_batches(_Tokenize, fn_constructor_kwargs={"path": tokenizer}, batch_size=batch_size,
+                        concurrency=(1, n), batch_format="numpy", num_cpus=1)
+
+    writers = {"train": ShardWriter(out, "train", shard_tokens, row_group_tokens),
+               "val": ShardWriter(out, "val", shard_tokens, row_group_tokens)}
+    n_docs = n_tokens = 0
+    bar = tqdm(desc="prepare", unit=" docs", disable=not progress)
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            col = batch.column("input_ids").combine_chunks()
+            values = col.values.to_numpy()
+            offs = col.offsets.to_numpy()
+            for i in range(len(col)):
+                split = "val" if val_every and n_docs % val_every == val_every - 1 else "train"
+                writers[split].add(values[offs[i]:offs[i + 1]])
+                n_docs += 1
+            n_tokens += int(offs[-1] - offs[0])
+            bar.update(len(col))
+            bar.set_postfix(tokens=f"{n_tokens:,}")
+    except BaseException as e:
+        # Remove what this run wrote (only its own shard names), so a failed prepare leaves no half set.
+        for w in writers.values():
+            w.abort()
+        # Ray wraps errors raised in tasks; surface ours as the one-line message it is.
+        cause = _find_input_error(e) if isinstance(e, Exception) else None
+        if cause is not None:
+            raise cause from None
+        raise
+    finally:
+        bar.close()
+    splits = {name: w.close() for name, w in writers.items()}
+    if splits["train"]["tokens"] == 0:
+        for w in writers.values():
+            w.abort()
+        raise InputError(f"input {', '.join(inputs)}: the corpus is empty (no non-empty documents)")
+    manifest = {"format": FORMAT, "tokenizer": tok, "text_field": text_field, "val_every": val_every,
+                "documents": n_docs, "sources": sources, "splits": splits}
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+def _find_input_error(e: BaseException) -> InputError | None:
+    """Our InputError behind Ray's wrappers (RayTaskError duals carry the remote traceback in str())."""
+    seen = set()
+    stack: list[BaseException | None] = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, InputError):
+            lines = [ln for ln in str(x).splitlines() if "InputError: " in ln]
+            return InputError(lines[-1].split("InputError: ", 1)[1] if lines else str(x))
+        stack += [x.__cause__, x.__context__, getattr(x, "cause", None)]
+    lines = [ln for ln in str(e).splitlines() if "InputError: " in ln]
+    return InputError(lines[-1].split("InputError: ", 1)[1]) if lines else None

@@ -1,0 +1,64 @@
+"""Shared fixtures: a real text sample, a BPE tokenizer trained on it, prepared shards and a local Ray cluster."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+PY_DOCS = SHARED / "python-3.11-docs.jsonl.gz"
+WIKITEXT = SHARED / "wikitext103-test-docs.jsonl.gz"
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The first 60 documents of the shared Python docs (real text no one here wrote), as JSONL.gz."""
+    if not PY_DOCS.exists():
+        pytest.skip(f"{PY_DOCS} is missing")
+    out = tmp_path_factory.mktemp("corpus") / "docs.jsonl.gz"
+    with gzip.open(PY_DOCS, "rt") as src, gzip.open(out, "wt") as dst:
+        for i, line in enumerate(src):
+            if i == 60:
+                break
+            dst.write(json.dumps({"text": json.loads(line)["text"]}) + "\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(corpus, tmp_path_factory) -> str:
+    from raypatch.prepare import train_tokenizer
+
+    return train_tokenizer([str(corpus)], str(tmp_path_factory.mktemp("tok")), vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for the session: 4 logical CPUs so Train workers leave room for Ray Data."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, log_to_driver=False, include_dashboard=True,
+             dashboard_host="127.0.0.1", logging_level="warning")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shards(corpus, tokenizer_dir, ray_local, tmp_path_factory) -> str:
+    """Prepared shards small enough that blocks cross row-group and shard boundaries."""
+    from raypatch.prepare import prepare
+
+    out = tmp_path_factory.mktemp("shards")
+    prepare([str(corpus)], tokenizer_dir, str(out), shard_tokens=40_000, row_group_tokens=3_000, val_every=10,
+            progress=False)
+    return str(out)

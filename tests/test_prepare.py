@@ -1,0 +1,129 @@
+"""Raw text -> Parquet token shards with Ray Data, and its one-line errors. Run: pytest tests/test_prepare.py"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raypatch.prepare import InputError, load_tokenizer, prepare, resolve_inputs, train_tokenizer
+
+
+def test_shards_and_manifest(shards, corpus, tokenizer_dir):
+    m = json.loads((Path(shards) / "manifest.json").read_text())
+    tok = load_tokenizer(tokenizer_dir)
+    assert m["tokenizer"]["vocab_size"] == len(tok) == 512
+    assert m["tokenizer"]["separator"] == {"id": tok.eos_token_id, "token": "<|endoftext|>", "position": "eos"}
+    assert m["sources"][0]["path"] == str(corpus.resolve()) and len(m["sources"][0]["sha256"]) == 64
+    docs = [json.loads(line)["text"] for line in gzip.open(corpus, "rt")]
+    assert m["documents"] == len(docs) == 60
+    train = m["splits"]["train"]
+    assert len(train["shards"]) > 3, "the fixture should span several shards"
+    rows = []
+    for s in train["shards"]:
+        t = pq.read_table(Path(shards) / s["file"])
+        assert t.schema.field("input_ids").type == pa.list_(pa.int32())
+        assert t.num_rows == s["rows"] and sum(len(r) for r in t.column(0).to_pylist()) == s["tokens"]
+        assert pq.ParquetFile(Path(shards) / s["file"]).num_row_groups == len(s["row_group_tokens"])
+        rows += t.column(0).to_pylist()
+    # One document per row, in input order, every 10th held out; the separator ends each document.
+    train_docs = [d for i, d in enumerate(docs) if i % 10 != 9]
+    assert len(rows) == len(train_docs)
+    for row, doc in zip(rows[:5], train_docs[:5]):
+        assert row == tok(doc, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert m["splits"]["val"]["rows"] == 6
+
+
+def test_two_runs_are_byte_identical(corpus, tokenizer_dir, shards, tmp_path):
+    prepare([str(corpus)], tokenizer_dir, str(tmp_path), shard_tokens=40_000, row_group_tokens=3_000,
+            val_every=10, progress=False)
+    a = json.loads((Path(shards) / "manifest.json").read_text())
+    b = json.loads((tmp_path / "manifest.json").read_text())
+    assert a == b
+    for s in a["splits"]["train"]["shards"]:
+        assert (Path(shards) / s["file"]).read_bytes() == (tmp_path / s["file"]).read_bytes()
+
+
+def test_txt_parquet_and_globs(tokenizer_dir, ray_local, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("def f(x):\n    return x + 1\n")
+    with gzip.open(src / "b.txt.gz", "wt") as f:
+        f.write("import os\nprint(os.getcwd())\n")
+    pq.write_table(pa.table({"text": ["class A:\n    pass\n", "x = [1, 2, 3]\n"]}), src / "c.parquet")
+    m = prepare([str(src / "*.txt*"), str(src / "c.parquet")], tokenizer_dir, str(tmp_path / "out"),
+                val_every=0, progress=False)
+    assert m["documents"] == 4 and m["splits"]["train"]["rows"] == 4
+    assert [Path(s["path"]).name for s in m["sources"]] == ["a.txt", "b.txt.gz", "c.parquet"]
+
+
+def test_trained_tokenizer_round_trips(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    text = "for i in range(10):\n    print(i)  # ünïcode"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+# --- bad input: one line, naming the file or field --------------------------------------------------
+
+
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def test_missing_input_file(tmp_path):
+    with pytest.raises(InputError) as e:
+        resolve_inputs([str(tmp_path / "nope.jsonl")])
+    assert "nope.jsonl: no such file" in _one_line(e)
+    with pytest.raises(InputError, match="matches no file"):
+        resolve_inputs([str(tmp_path / "*.jsonl")])
+
+
+def test_unreadable_input_file(tokenizer_dir, ray_local, tmp_path):
+    bad = tmp_path / "broken.jsonl.gz"
+    bad.write_bytes(b"this is not gzip data at all")
+    with pytest.raises(InputError) as e:
+        prepare([str(bad)], tokenizer_dir, str(tmp_path / "out"), progress=False)
+    assert "broken.jsonl.gz: cannot be decoded" in _one_line(e)
+
+
+def test_jsonl_line_without_text_field(tokenizer_dir, ray_local, tmp_path):
+    f = tmp_path / "docs.jsonl"
+    f.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
+    with pytest.raises(InputError) as e:
+        prepare([str(f)], tokenizer_dir, str(tmp_path / "out"), progress=False)
+    assert f"{f}:2: no 'text' field" in _one_line(e)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_empty_corpus(tokenizer_dir, ray_local, tmp_path):
+    f = tmp_path / "empty.jsonl"
+    f.write_text(json.dumps({"text": ""}) + "\n")
+    with pytest.raises(InputError) as e:
+        prepare([str(f)], tokenizer_dir, str(tmp_path / "out"), progress=False)
+    assert "corpus is empty" in _one_line(e)
+
+
+def test_existing_output_is_not_overwritten(shards, corpus, tokenizer_dir):
+    before = (Path(shards) / "manifest.json").read_bytes()
+    with pytest.raises(InputError, match="already holds a manifest.json"):
+        prepare([str(corpus)], tokenizer_dir, shards, progress=False)
+    assert (Path(shards) / "manifest.json").read_bytes() == before
+
+
+def test_tokenizer_dir_must_be_local(tmp_path):
+    with pytest.raises(InputError, match="not a local Hugging Face tokenizer directory"):
+        load_tokenizer(str(tmp_path / "meta-llama/Llama-2-7b"))
+
+
+def test_train_tokenizer_is_deterministic(corpus, tmp_path):
+    a = train_tokenizer([str(corpus)], str(tmp_path / "a"), vocab_size=300)
+    b = train_tokenizer([str(corpus)], str(tmp_path / "b"), vocab_size=300)
+    assert (Path(a) / "tokenizer.json").read_bytes() == (Path(b) / "tokenizer.json").read_bytes()
+    assert np.all(np.array(load_tokenizer(a)("x = 1")["input_ids"]) < 300)
