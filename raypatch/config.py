@@ -95,6 +95,8 @@ class DataConfig:
     """Logical CPUs each Ray Data read task asks for (keep below what Train leaves free)."""
     prefetch_batches: int = 4
     """Micro-batches each worker's Ray Data iterator keeps ready ahead of the step."""
+    record_blocks: bool = False
+    """Append every trained block index to <run>/blocks-rank<r>.jsonl (audits and tests)."""
 
     def __post_init__(self) -> None:
         _positive(self, "data", "seq_len", "read_cpus")
@@ -158,6 +160,8 @@ class ScaleConfig:
     """DeepSpeed ZeRO stage: 1, 2 or 3."""
     precision: str = "bf16"
     """Training precision: bf16 or fp32 (fp16 is refused on CPU)."""
+    zero3_persistence_threshold: int = 100_000
+    """ZeRO-3 keeps parameters with fewer elements whole on every rank (0 partitions everything)."""
 
     def __post_init__(self) -> None:
         _positive(self, "scale", "num_workers", "cpus_per_worker")
@@ -219,6 +223,8 @@ class Config:
     """Seed for weights and anything random in the loop."""
     log_every: int = 10
     """One log line every N optimizer steps."""
+    compare_baseline: bool = False
+    """Also train the token-only baseline (λ=0) on the same data and print both side by side."""
 
     def __post_init__(self) -> None:
         if self.data.seq_len > self.model.max_position_embeddings:

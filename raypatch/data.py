@@ -290,3 +290,25 @@ def val_rows(stream: TokenStream, seq_len: int, max_rows: int) -> np.ndarray:
     """Up to max_rows consecutive rows of T tokens from the start of a split: (N, T) int32."""
     n = min(max_rows, stream.total_tokens // seq_len)
     return stream.read(0, n * seq_len).reshape(n, seq_len)
+
+
+def tokenizer_dir(shards_dir: str, manifest: dict[str, Any]) -> str:
+    """The copy of the tokenizer that `raypatch prepare` stores beside the shards."""
+    return str(Path(shards_dir) / manifest["tokenizer"].get("dir", "tokenizer"))
+
+
+def text_rows(path: str, tokenizer: str, seq_len: int, max_rows: int, text_field: str = "text") -> np.ndarray:
+    """An evaluation set from raw documents (e.g. WikiText-103 test): tokenized with the run's tokenizer,
+    separated as in training, concatenated and cut into up to max_rows rows of T tokens: (N, T) int32."""
+    from raypatch.prepare import iter_documents, load_tokenizer, separator
+
+    tok = load_tokenizer(tokenizer)
+    sep, _, where = separator(tok)
+    ids: list[int] = []
+    for doc in iter_documents(path, text_field):
+        enc = tok.backend_tokenizer.encode(doc, add_special_tokens=False).ids
+        ids += enc + [sep] if where == "eos" else [sep] + enc
+        if len(ids) >= max_rows * seq_len:
+            break
+    n = min(max_rows, len(ids) // seq_len)
+    return np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len)

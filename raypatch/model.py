@@ -7,6 +7,8 @@ ordinary HF model that `save_pretrained`, `from_pretrained` and `generate` handl
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
@@ -76,10 +78,12 @@ def patch_logits(model: PreTrainedModel, input_ids: torch.Tensor, k: int) -> tor
     return model(inputs_embeds=patches, position_ids=position_ids).logits  # (B, T, V)
 
 
-def check_token_ids(input_ids: torch.Tensor, vocab_size: int, where: str) -> None:
-    """Raise a one-line ValueError when a token id falls outside the embedding table."""
-    hi = int(input_ids.max())
-    lo = int(input_ids.min())
+def check_token_ids(input_ids: Any, vocab_size: int, where: str) -> None:
+    """Raise a one-line ValueError when a token id falls outside the embedding table (tensor or ndarray).
+
+    Call it on the host copy of a batch: on a GPU tensor the max() would force a device sync every step.
+    """
+    hi, lo = int(input_ids.max()), int(input_ids.min())
     if hi >= vocab_size or lo < 0:
         raise ValueError(f"{where}: token id {hi if hi >= vocab_size else lo} is outside the model's "
                          f"vocabulary [0, {vocab_size}) (model.vocab_size)")

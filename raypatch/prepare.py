@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -310,6 +311,10 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, *, text_field: str 
         else:
             raise InputError(f"output {out}: already holds shards such as {old.name} (pass --overwrite)")
     sources = [{"path": f, "bytes": os.path.getsize(f), "sha256": file_sha256(f)} for f in files]
+    # A copy of the tokenizer travels with the shards, so a shard set is self-contained on any node.
+    shutil.rmtree(out / "tokenizer", ignore_errors=True)
+    shutil.copytree(tokenizer, out / "tokenizer", ignore=shutil.ignore_patterns(".*"))
+    tok["dir"] = "tokenizer"
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the driver must see documents in input order

@@ -24,7 +24,8 @@ def tiny() -> Config:
         patch=PatchConfig(k=2, lam=0.5),
         data=DataConfig(seq_len=32, max_tokens=8192, prefetch_batches=2),
         optim=OptimConfig(lr=3e-3, warmup_steps=2, tokens_per_step=256, micro_batch_size=2),
-        scale=ScaleConfig(num_workers=2, zero_stage=2, precision="fp32", cpus_per_worker=1.0),
+        scale=ScaleConfig(num_workers=2, zero_stage=2, precision="fp32", cpus_per_worker=1.0,
+                          zero3_persistence_threshold=0),
         checkpoint=CheckpointConfig(name="tiny", every_steps=4),
         eval=EvalConfig(max_rows=8),
         log_every=2,
@@ -43,6 +44,7 @@ def demo() -> Config:
         checkpoint=CheckpointConfig(name="demo", every_steps=50),
         eval=EvalConfig(every_steps=50, max_rows=64),
         log_every=10,
+        compare_baseline=True,
     )
 
 

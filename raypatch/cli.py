@@ -1,0 +1,163 @@
+"""The `raypatch` command: tokenizer, prepare, train, export (and what the jobs/ entrypoints call)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from raypatch.config import Config, load_config
+
+CORPUS_DIR = Path(__file__).parent / "corpus"
+DEFAULT_CORPUS = CORPUS_DIR / "python-docs-sample.jsonl.gz"
+DEFAULT_WIKITEXT = CORPUS_DIR / "wikitext103-test-sample.jsonl.gz"
+
+
+def quiet_env() -> None:
+    for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+                 "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(k, v)
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Attach to the cluster in RAY_ADDRESS (e.g. under `ray job submit`), else start a private local one.
+
+    A local cluster gets more logical CPUs than Train workers take, so Ray Data's read tasks always have room
+    (with every CPU held by Train workers, Ray Data waits forever). The dashboard binds to 127.0.0.1.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus or max(4, (os.cpu_count() or 2) + 2), include_dashboard=True,
+                 dashboard_host="127.0.0.1", log_to_driver=True, logging_level="warning")
+
+
+def ensure_default_data(cfg: Config) -> Config:
+    """With no data.shards, tokenize the embedded corpus once (a BPE of model.vocab_size) and use it."""
+    from raypatch.config import apply_overrides
+    from raypatch.data import load_manifest
+    from raypatch.prepare import file_sha256, prepare, train_tokenizer
+
+    overrides = []
+    if not cfg.eval.wikitext and DEFAULT_WIKITEXT.exists():
+        overrides.append(f"eval.wikitext={DEFAULT_WIKITEXT}")
+    if not cfg.data.shards:
+        out = Path(cfg.checkpoint.storage_path).expanduser().resolve() / "data" / f"default-v{cfg.model.vocab_size}"
+        fresh = False
+        try:
+            m = load_manifest(str(out))
+            fresh = m["sources"][0]["sha256"] == file_sha256(DEFAULT_CORPUS)
+        except (ValueError, KeyError, IndexError):
+            fresh = False
+        if not fresh:
+            print(f"preparing the embedded corpus {DEFAULT_CORPUS.name} -> {out}", flush=True)
+            tok = train_tokenizer([str(DEFAULT_CORPUS)], str(out.parent / f"tokenizer-v{cfg.model.vocab_size}"),
+                                  vocab_size=cfg.model.vocab_size)
+            prepare([str(DEFAULT_CORPUS)], tok, str(out), overwrite=True, val_every=20)
+        overrides.append(f"data.shards={out}")
+    return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def train_command(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
+    """`raypatch train`: the run in cfg, and with compare_baseline the token-only run on the same data."""
+    from raypatch.config import apply_overrides
+    from raypatch.metrics import plot_runs
+    from raypatch.train import comparison_table, fit, run_dir_of
+
+    cfg = ensure_default_data(cfg)
+    runs = []
+    if cfg.compare_baseline and cfg.patch.lam > 0:
+        base = apply_overrides(cfg, ["patch.lam=0", f"checkpoint.name={cfg.checkpoint.name}-token-only"])
+        runs.append(("token-only", base))
+    runs.append((f"patch K={cfg.patch.k} λ={cfg.patch.lam:.3g}", cfg))
+    results = []
+    for label, c in runs:
+        print(f"\n=== {label}: run {run_dir_of(c)}", flush=True)
+        results.append((label, fit(c)))
+    table = comparison_table(results)
+    print("\n" + table, flush=True)
+    if len(results) > 1:
+        out = run_dir_of(cfg)
+        png = plot_runs({label: Path(s["run_dir"]) / "metrics.jsonl" for label, s in results},
+                        out / "comparison.png", title="token-level validation loss vs compute")
+        (out / "comparison.md").write_text(table + "\n")
+        print(f"\nplot: {png}\ntable: {out / 'comparison.md'}", flush=True)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raypatch", description="Patch-level training of LLMs on Ray.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    tok_sub = tok.add_subparsers(dest="tok_cmd", required=True)
+    tt = tok_sub.add_parser("train", help="train a byte-level BPE and save an HF tokenizer directory")
+    tt.add_argument("--input", nargs="+", required=True, help="files or globs (.jsonl/.txt/.parquet, .gz ok)")
+    tt.add_argument("--out", required=True)
+    tt.add_argument("--vocab-size", type=int, default=8192)
+    tt.add_argument("--text-field", default="text")
+
+    pr = sub.add_parser("prepare", help="tokenize raw text into Parquet shards with Ray Data")
+    pr.add_argument("--input", nargs="+", required=True, help="files or globs (.jsonl/.txt/.parquet, .gz ok)")
+    pr.add_argument("--tokenizer", required=True, help="a local HF tokenizer directory")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--text-field", default="text")
+    pr.add_argument("--val-every", type=int, default=50, help="every Nth document goes to the val split (0: none)")
+    pr.add_argument("--shard-tokens", type=int, default=1 << 24)
+    pr.add_argument("--overwrite", action="store_true")
+
+    tr = sub.add_parser("train", help="train (patch phase, then token phase) with Ray Train + DeepSpeed")
+    tr.add_argument("--config", default="demo", help="a preset (tiny, demo, paper-370m) or a YAML file")
+    tr.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-3")
+    tr.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+
+    ex = sub.add_parser("export", help="consolidate a checkpoint into a Hugging Face model directory")
+    ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--out", required=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_env()
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "tokenizer":
+            from raypatch.prepare import train_tokenizer
+
+            print(train_tokenizer(args.input, args.out, vocab_size=args.vocab_size, text_field=args.text_field))
+        elif args.cmd == "prepare":
+            from raypatch.prepare import prepare
+
+            init_ray()
+            m = prepare(args.input, args.tokenizer, args.out, text_field=args.text_field, val_every=args.val_every,
+                        shard_tokens=args.shard_tokens, overwrite=args.overwrite)
+            print(json.dumps({k: {"rows": v["rows"], "tokens": v["tokens"], "shards": len(v["shards"])}
+                              for k, v in m["splits"].items()}))
+        elif args.cmd == "train":
+            cfg = load_config(args.config, args.set)
+            if args.print_config:
+                from raypatch.config import to_yaml
+
+                print(to_yaml(cfg))
+                return 0
+            init_ray()
+            train_command(cfg)
+        elif args.cmd == "export":
+            from raypatch.checkpoint import export_hf
+
+            print(export_hf(args.checkpoint, args.out))
+    except ValueError as e:  # bad input: one line, no traceback
+        print(f"raypatch: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

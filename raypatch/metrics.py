@@ -1,0 +1,129 @@
+"""Accounting (tokens, positions, FLOPs, MFU), the per-run metrics files, the log line and the plots.
+
+A patch-phase step reads K·T tokens per row but runs the model on only T positions, so throughput is
+reported both as tokens/s (data consumed) and positions/s (model work), and FLOPs are counted per position.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("raypatch")
+
+# Dense bf16 peak per device, for MFU. The H200/H100 SXM figure is NVIDIA's dense (no sparsity) number.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12, "L40S": 362e12}
+
+
+def flops_per_position(*, num_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
+    """Training FLOPs per model position: 6·N for the matmuls plus 6·L·T·d for attention scores.
+
+    The patch phase attends over T patches, so the attention term is the same as in the token phase.
+    """
+    return 6.0 * num_params + 6.0 * num_layers * seq_len * hidden_size
+
+
+def peak_flops(device: Any = None) -> float:
+    """Peak FLOP/s of one worker's device: a table for known GPUs, else a measured fp32 matmul rate on CPU.
+
+    On CPU the "peak" is what this process reaches on a 1024² matmul, so CPU MFU reads as the fraction of
+    attainable matmul speed, not of a datasheet number.
+    """
+    import torch
+
+    if device is not None and getattr(device, "type", "cpu") == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return value
+        return 312e12
+    a = torch.randn(1024, 1024)
+    b = torch.randn(1024, 1024)
+    a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.2:
+        a @ b
+        n += 1
+    return 2 * 1024**3 * n / (time.perf_counter() - t0)
+
+
+class MetricsWriter:
+    """metrics.jsonl (one JSON object per line) and TensorBoard events under a run directory (rank 0 only)."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        except ImportError:  # TensorBoard is optional; metrics.jsonl always exists
+            self.tb = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            step = row.get("step", 0)
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    p = Path(path)
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+
+
+def log_line(m: dict[str, Any]) -> str:
+    """One concise line: phase, K, step, loss, lr, tokens/s, positions/s, FLOPs, MFU, data-wait, progress."""
+    return (f"[{m['phase']} K={m['patch/k']}] step {m['step']:>6} ({m['phase_step']}/{m['phase_steps']}) "
+            f"loss {m['train/loss']:.4f} lr {m['train/lr']:.2e} | {m['perf/tokens_per_s']:,.0f} tok/s "
+            f"{m['perf/positions_per_s']:,.0f} pos/s | {m['perf/flops_total']:.3g} FLOPs MFU {m['perf/mfu']:.1%} "
+            f"| data-wait {m['perf/data_wait']:.1%} | tokens {m['tokens/total']:,}/{m['tokens/planned']:,}")
+
+
+def plot_runs(runs: dict[str, str | Path], out_png: str | Path, title: str = "") -> Path:
+    """Token-level validation loss against cumulative training FLOPs, one line per run, switch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, path in runs.items():
+        rows = [r for r in read_metrics(path) if "val/loss" in r]
+        if not rows:
+            continue
+        x = [r["perf/flops_total"] for r in rows]
+        (line,) = ax.plot(x, [r["val/loss"] for r in rows], marker="o", ms=3, label=label)
+        for r in read_metrics(path):
+            if r.get("event") == "switch":
+                ax.axvline(r["perf/flops_total"], color=line.get_color(), ls="--", lw=1)
+                ax.annotate("patch→token", (r["perf/flops_total"], ax.get_ylim()[1]), fontsize=8,
+                            color=line.get_color(), ha="left", va="top", rotation=90)
+    ax.set_xlabel("cumulative training FLOPs")
+    ax.set_ylabel("token-level validation loss (K=1)")
+    ax.set_title(title or "validation loss vs compute")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out_png)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
