@@ -7,6 +7,7 @@ ordinary HF model that `save_pretrained`, `from_pretrained` and `generate` handl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -78,12 +79,13 @@ def patch_logits(model: PreTrainedModel, input_ids: torch.Tensor, k: int) -> tor
     return model(inputs_embeds=patches, position_ids=position_ids).logits  # (B, T, V)
 
 
-def check_token_ids(input_ids: Any, vocab_size: int, where: str) -> None:
+def check_token_ids(input_ids: Any, vocab_size: int, where: str | Callable[[], str]) -> None:
     """Raise a one-line ValueError when a token id falls outside the embedding table (tensor or ndarray).
 
     Call it on the host copy of a batch: on a GPU tensor the max() would force a device sync every step.
     """
     hi, lo = int(input_ids.max()), int(input_ids.min())
     if hi >= vocab_size or lo < 0:
+        where = where() if callable(where) else where  # built only on error: this runs every micro-batch
         raise ValueError(f"{where}: token id {hi if hi >= vocab_size else lo} is outside the model's "
                          f"vocabulary [0, {vocab_size}) (model.vocab_size)")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,27 @@ class PatchLM(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, k: int) -> torch.Tensor:
         return lm_loss(self.hf, input_ids, k)
+
+
+def quiet_worker_logs() -> None:
+    """Keep the worker's output to our one line per log interval: Ray Data, Train and DeepSpeed say a lot."""
+    import logging
+
+    for name in ("ray.data", "ray.train", "DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def maybe_inject_fault(run_dir: Path, rank: int, global_step: int) -> None:
+    """Fault injection for tests and drills: RAYPATCH_KILL_AT_STEPS="6,22" and RAYPATCH_KILL_RANK=1 make
+    that rank SIGKILL itself once after each listed global step (a marker file keeps it to once)."""
+    steps = os.environ.get("RAYPATCH_KILL_AT_STEPS", "")
+    if not steps or rank != int(os.environ.get("RAYPATCH_KILL_RANK", "0")):
+        return
+    if str(global_step) in steps.split(","):
+        marker = run_dir / f".killed-at-{global_step}"
+        if not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def deepspeed_config(cfg: Config, grad_accum: int, world: int) -> dict[str, Any]:
@@ -145,6 +168,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     cfg = Config.from_dict(config["cfg"])
     run_dir = Path(config["run_dir"])
+    quiet_worker_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -244,7 +268,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                             end_block=plan.num_steps * plan.blocks_per_step, read_cpus=cfg.data.read_cpus)
         batches = iter(ds.iter_batches(batch_size=mb, batch_format="numpy", prefetch_batches=cfg.data.prefetch_batches))
         total_steps = sum(p.num_steps for p in plans) if cfg.phases.keep_optimizer else plan.num_steps
-        window_t, window_wait, window_tokens = time.perf_counter(), 0.0, 0
+        window_t, window_wait, window_tokens, window_skip = time.perf_counter(), 0.0, 0, 0.0
         for step in range(state["step_in_phase"], plan.num_steps):
             sched_step = state["global_step"] if cfg.phases.keep_optimizer else step
             lr = lr_at(sched_step, total_steps, lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
@@ -257,7 +281,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 t = time.perf_counter()
                 batch = next(batches)
                 window_wait += time.perf_counter() - t
-                check_token_ids(batch["input_ids"], cfg.model.vocab_size, f"{plan.phase} blocks {batch['block'].tolist()}")
+                check_token_ids(batch["input_ids"], cfg.model.vocab_size,
+                                lambda: f"{plan.phase}-phase blocks {batch['block'].tolist()} of {cfg.data.shards}")
                 ids = torch.from_numpy(batch["input_ids"]).to(device=device, dtype=torch.long)  # (mb, block)
                 trained_blocks += batch["block"].tolist()
                 engine.set_gradient_accumulation_boundary(micro == ga - 1)
@@ -278,12 +303,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 bar.update(1)
             if cfg.data.record_blocks:
                 with open(run_dir / f"blocks-rank{rank}.jsonl", "a") as f:
-                    f.write(json.dumps({"phase": plan.phase, "step": step, "blocks": trained_blocks}) + "\n")
+                    f.write(json.dumps({"phase": plan.phase, "step": step, "global_step": state["global_step"],
+                                        "pid": os.getpid(), "blocks": trained_blocks}) + "\n")
+            maybe_inject_fault(run_dir, rank, state["global_step"])
 
             last = step + 1 == plan.num_steps
             if state["global_step"] % cfg.log_every == 0 or last:
                 dist.all_reduce(log_loss)
-                dt = time.perf_counter() - window_t
+                dt = time.perf_counter() - window_t - window_skip
                 m = base_metrics(plan) | {
                     "train/loss": float(log_loss[0] / log_loss[1]), "train/lr": lr,
                     "perf/tokens_per_s": window_tokens / dt, "perf/positions_per_s": window_tokens / plan.k / dt,
@@ -291,13 +318,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 if plan.phase == "patch":  # never mixed with the token-level losses
                     m["train/patch_loss"] = m["train/loss"]
                 log_loss.zero_()
-                window_t, window_wait, window_tokens = time.perf_counter(), 0.0, 0
+                window_t, window_wait, window_tokens, window_skip = time.perf_counter(), 0.0, 0, 0.0
                 say(log_line(m))
                 if rank == 0:
                     writer.write(m)
             do_eval = last or (cfg.eval.every_steps and state["global_step"] % cfg.eval.every_steps == 0)
             do_ckpt = last or (cfg.checkpoint.every_steps and state["global_step"] % cfg.checkpoint.every_steps == 0)
             metrics = base_metrics(plan)
+            t_extra = time.perf_counter()
             if do_eval:
                 metrics |= run_eval(plan)
                 if rank == 0:
@@ -309,6 +337,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     writer.write(base_metrics(plan) | {"event": "switch"})
             if do_ckpt:
                 checkpoint(plan, metrics)
+            window_skip += time.perf_counter() - t_extra  # throughput counts training, not eval or saving
         if pi + 1 == len(plans):
             state["phase"] = len(plans)
 
@@ -356,6 +385,7 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None) -> Any:
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "TOKENIZERS_PARALLELISM": "false",
            "DS_ACCELERATOR": "cuda" if cfg.scale.use_gpu else "cpu"}
+    env |= {k: v for k, v in os.environ.items() if k.startswith("RAYPATCH_")}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir)},

@@ -1,0 +1,223 @@
+"""The trainer on the real stack: local Ray, 2 CPU workers, DeepSpeed ZeRO-2 and ZeRO-3, both phases.
+
+Run: pytest tests/test_train.py   (about 4 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from raypatch import presets
+from raypatch.config import Config, apply_overrides
+from raypatch.data import TokenStream, load_manifest, plan_from_config, val_rows
+
+from .conftest import WIKITEXT
+
+pytestmark = pytest.mark.ray
+
+
+def tiny(shards: str, storage: Path, name: str, *extra: str) -> Config:
+    return apply_overrides(presets.tiny(), [f"data.shards={shards}", f"checkpoint.storage_path={storage}",
+                                            f"checkpoint.name={name}", "data.record_blocks=true", "log_every=1",
+                                            f"eval.wikitext={WIKITEXT}", *extra])
+
+
+def trained_steps(run_dir: Path) -> dict[tuple[str, int], list[int]]:
+    """(phase, step) -> blocks trained by all ranks, keeping each rank's last attempt at a step."""
+    last: dict[tuple[int, str, int], list[int]] = {}
+    for f in sorted(run_dir.glob("blocks-rank*.jsonl")):
+        rank = int(f.stem.removeprefix("blocks-rank"))
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            last[(rank, r["phase"], r["step"])] = r["blocks"]
+    out: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for (_, phase, step), blocks in sorted(last.items()):
+        out[(phase, step)] += blocks
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "train/loss" in r:
+            out[r["step"]] = r["train/loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(shards, ray_local, tmp_path_factory):
+    """A fault-free ZeRO-2 run of the tiny preset: 16 patch steps, then 16 token steps."""
+    from raypatch.train import fit
+
+    cfg = tiny(shards, tmp_path_factory.mktemp("runs"), "ref")
+    return cfg, fit(cfg)
+
+
+def test_two_phases_in_one_run(reference, shards):
+    cfg, summary = reference
+    run = Path(summary["run_dir"])
+    plans = plan_from_config(cfg, load_manifest(shards)["splits"]["train"]["tokens"])
+    st = summary["state"]
+    assert st["global_step"] == sum(p.num_steps for p in plans) == 32
+    # Same tokens per optimizer step in both phases; the patch phase runs K times fewer positions.
+    assert st["tokens"] == {"patch": 16 * 256, "token": 16 * 256}
+    assert st["positions"] == {"patch": 16 * 256 // 2, "token": 16 * 256}
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert {r["phase"] for r in train_rows} == {"patch", "token"}
+    assert all(("train/patch_loss" in r) == (r["phase"] == "patch") for r in train_rows)
+    assert [r["step"] for r in rows if r.get("event") == "switch"] == [16]
+    # LR warmup restarts at the switch (fresh schedule, fresh optimizer).
+    lr = {r["step"]: r["train/lr"] for r in train_rows}
+    assert lr[17] == pytest.approx(lr[1]) and lr[1] < lr[3]
+    # Token-level validation on both sets, at the switch and at the end.
+    evals = [r for r in rows if r.get("event") == "eval"]
+    assert {"val/loss", "wikitext/loss"} <= set(evals[-1]) and len(evals) >= 2
+    assert evals[-1]["val/loss"] < evals[0]["val/loss"] or evals[-1]["wikitext/loss"] < evals[0]["wikitext/loss"]
+    # Every block of both phases' full steps trained exactly once, split across the 2 workers.
+    steps = trained_steps(run)
+    for p in plans:
+        got = [b for s in range(p.num_steps) for b in steps[(p.phase, s)]]
+        assert got == list(range(p.num_steps * p.blocks_per_step))
+    # Checkpoints: only the last `keep` remain, each with meta.json.
+    ckpts = sorted(run.glob("checkpoint-*"))
+    assert len(ckpts) == cfg.checkpoint.keep and all((c / "meta.json").exists() for c in ckpts)
+    assert (run / "val_loss_vs_compute.png").stat().st_size > 0 and (run / "summary.json").exists()
+    assert summary["relative_cost"] == pytest.approx(0.75)
+
+
+def test_export_loads_in_transformers_and_matches_final_eval(reference, shards):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, summary = reference
+    hf = AutoModelForCausalLM.from_pretrained(summary["export"])
+    tok = AutoTokenizer.from_pretrained(summary["export"])
+    rows = torch.from_numpy(val_rows(TokenStream(shards, "val"), cfg.data.seq_len, cfg.eval.max_rows)).long()
+    rows = rows[: len(rows) - len(rows) % 2]
+    with torch.no_grad():
+        loss = torch.stack([hf(r[None], labels=r[None]).loss for r in rows]).mean()
+    assert float(loss) == pytest.approx(summary["final"]["val/loss"], abs=1e-4)
+    out = hf.generate(**tok("def ", return_tensors="pt"), max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > 1
+
+
+def test_zero3_trains_both_phases_and_exports(shards, ray_local, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from raypatch.train import fit
+
+    cfg = tiny(shards, tmp_path, "z3", "scale.zero_stage=3", "data.max_tokens=4096", "eval.wikitext=")
+    summary = fit(cfg)
+    assert summary["state"]["global_step"] == 16
+    assert summary["final"]["val/loss"] < 6.3  # below ln(512) = 6.24 + noise: it learned something
+    hf = AutoModelForCausalLM.from_pretrained(summary["export"])
+    assert hf.model.embed_tokens.weight.shape == (512, 64)  # consolidated, not an empty ZeRO-3 partition
+
+
+@pytest.mark.slow
+def test_zero1_and_keep_optimizer(shards, ray_local, tmp_path):
+    from raypatch.train import fit
+
+    cfg = tiny(shards, tmp_path, "z1", "scale.zero_stage=1", "data.max_tokens=4096", "phases.keep_optimizer=true")
+    assert fit(cfg)["state"]["global_step"] == 16
+
+
+def test_stopped_run_resumes_from_its_checkpoint(reference, shards, ray_local, tmp_path, monkeypatch):
+    """A run killed with no retries left fails; rerunning the same name resumes and matches the reference."""
+    from raypatch.train import fit
+
+    ref_cfg, ref = reference
+    cfg = tiny(shards, tmp_path, "stopped", "checkpoint.max_failures=0")
+    monkeypatch.setenv("RAYPATCH_KILL_AT_STEPS", "10")
+    monkeypatch.setenv("RAYPATCH_KILL_RANK", "1")
+    with pytest.raises(Exception):  # noqa: B017 - Ray's worker-death error type varies by version
+        fit(cfg)
+    monkeypatch.delenv("RAYPATCH_KILL_AT_STEPS")
+    summary = fit(cfg)
+    run, ref_run = Path(summary["run_dir"]), Path(ref["run_dir"])
+    assert trained_steps(run) == trained_steps(ref_run)
+    a, b = step_losses(run), step_losses(ref_run)
+    assert a.keys() == b.keys()
+    for s in a:
+        assert a[s] == pytest.approx(b[s], rel=1e-4, abs=1e-5), s
+
+
+def test_worker_killed_in_each_phase_recovers_exactly(reference, shards, ray_local, tmp_path, monkeypatch):
+    """SIGKILL a worker once in the patch phase (step 6) and once in the token phase (step 22)."""
+    from raypatch.train import fit
+
+    _, ref = reference
+    monkeypatch.setenv("RAYPATCH_KILL_AT_STEPS", "6,22")
+    monkeypatch.setenv("RAYPATCH_KILL_RANK", "1")
+    cfg = tiny(shards, tmp_path, "faulty", "checkpoint.max_failures=2")
+    summary = fit(cfg)
+    run, ref_run = Path(summary["run_dir"]), Path(ref["run_dir"])
+    assert (run / ".killed-at-6").exists() and (run / ".killed-at-22").exists()
+    pids = {json.loads(x)["pid"] for x in (run / "blocks-rank1.jsonl").read_text().splitlines()}
+    assert len(pids) == 3, "rank 1 ran in three processes: two were killed"
+    assert trained_steps(run) == trained_steps(ref_run)  # none lost, none repeated in the final model
+    a, b = step_losses(run), step_losses(ref_run)
+    assert a.keys() == b.keys()
+    for s in a:  # CPU, fixed seed, fp32: the resumed run follows the fault-free one
+        assert a[s] == pytest.approx(b[s], rel=1e-4, abs=1e-5), s
+    assert summary["final"]["val/loss"] == pytest.approx(ref["final"]["val/loss"], rel=1e-4)
+
+
+# --- bad input: one line, and no existing checkpoint is touched -------------------------------------
+
+
+def _snapshot(run: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime for p in run.rglob("*")}
+
+
+def test_resume_with_another_model_shape_or_tokenizer_is_refused(reference, tokenizer_dir, corpus, tmp_path):
+    from raypatch.prepare import prepare, train_tokenizer
+    from raypatch.train import preflight
+
+    cfg, summary = reference
+    run = Path(summary["run_dir"])
+    before = _snapshot(run)
+    with pytest.raises(ValueError, match=r"another model shape \(model.hidden_size: 64 -> 128\)") as e:
+        preflight(apply_overrides(cfg, ["model.hidden_size=128"]))
+    assert "\n" not in str(e.value)
+    tok = train_tokenizer([str(corpus)], str(tmp_path / "tok"), vocab_size=400)
+    import ray
+
+    assert ray.is_initialized()
+    other = prepare([str(corpus)], tok, str(tmp_path / "shards"), shard_tokens=40_000, progress=False)
+    assert other["tokenizer"]["fingerprint"] != load_manifest(cfg.data.shards)["tokenizer"]["fingerprint"]
+    with pytest.raises(ValueError, match="another tokenizer"):
+        preflight(apply_overrides(cfg, [f"data.shards={tmp_path / 'shards'}"]))
+    with pytest.raises(ValueError, match="another data plan"):
+        preflight(apply_overrides(cfg, ["patch.lam=0.25"]))
+    assert _snapshot(run) == before
+
+
+def test_batch_that_does_not_divide_across_workers():
+    with pytest.raises(ValueError, match="'optim.tokens_per_step': 256 does not divide across 3 workers"):
+        apply_overrides(presets.tiny(), ["scale.num_workers=3"])
+
+
+def test_cli_errors_are_one_line(capsys):
+    from raypatch.cli import main
+
+    assert main(["train", "--config", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raypatch: error: unknown preset 'nope'") and "\n" not in err
+    assert main(["train", "--config", "tiny", "--set", "scale.zero_stage=4"]) == 2
+    assert "'scale.zero_stage': must be 1, 2 or 3" in capsys.readouterr().err
+
+
+def test_print_config(capsys):
+    from raypatch.cli import main
+
+    assert main(["train", "--config", "paper-370m", "--print-config"]) == 0
+    assert "hidden_size: 1024" in capsys.readouterr().out
+    assert os.environ.get("RAYPATCH_KILL_AT_STEPS") is None
