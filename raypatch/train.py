@@ -282,7 +282,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 batch = next(batches)
                 window_wait += time.perf_counter() - t
                 check_token_ids(batch["input_ids"], cfg.model.vocab_size,
-                                lambda: f"{plan.phase}-phase blocks {batch['block'].tolist()} of {cfg.data.shards}")
+                                lambda p=plan, b=batch: f"{p.phase}-phase blocks {b['block'].tolist()}")
                 ids = torch.from_numpy(batch["input_ids"]).to(device=device, dtype=torch.long)  # (mb, block)
                 trained_blocks += batch["block"].tolist()
                 engine.set_gradient_accumulation_boundary(micro == ga - 1)
