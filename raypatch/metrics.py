@@ -91,11 +91,15 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def log_line(m: dict[str, Any]) -> str:
-    """One concise line: phase, K, step, loss, lr, tokens/s, positions/s, FLOPs, MFU, data-wait, progress."""
-    return (f"[{m['phase']} K={m['patch/k']}] step {m['step']:>6} ({m['phase_step']}/{m['phase_steps']}) "
+    """One concise line: progress bar (tokens against the plan), phase, K, step, loss, lr, tokens/s,
+    positions/s, FLOPs, MFU and data-wait."""
+    done = m["tokens/total"] / max(1, m["tokens/planned"])
+    bar = "#" * round(done * 20)
+    return (f"[{bar:<20}] {done:4.0%} [{m['phase']} K={m['patch/k']}] "
+            f"step {m['step']:>6} ({m['phase_step']}/{m['phase_steps']}) "
             f"loss {m['train/loss']:.4f} lr {m['train/lr']:.2e} | {m['perf/tokens_per_s']:,.0f} tok/s "
             f"{m['perf/positions_per_s']:,.0f} pos/s | {m['perf/flops_total']:.3g} FLOPs MFU {m['perf/mfu']:.1%} "
-            f"| data-wait {m['perf/data_wait']:.1%} | tokens {m['tokens/total']:,}/{m['tokens/planned']:,}")
+            f"| data-wait {m['perf/data_wait']:.1%}")
 
 
 def plot_runs(runs: dict[str, str | Path], out_png: str | Path, title: str = "") -> Path:

@@ -189,13 +189,22 @@ def tokenizer_info(path: str) -> dict[str, Any]:
 
 
 class _Tokenize:
-    """Ray Data UDF: one fast tokenizer per actor; documents -> list<int32> with the separator added."""
+    """Ray Data UDF: one fast tokenizer per actor; documents -> list<int32> with the separator added.
 
-    def __init__(self, path: str) -> None:
+    It loads tokenizer.json with the `tokenizers` library directly: importing transformers in every actor
+    costs seconds of start-up per actor, more than tokenizing a small corpus.
+    """
+
+    def __init__(self, path: str, sep: int, where: str) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        tok = load_tokenizer(path)
-        self.backend = tok.backend_tokenizer
-        self.sep, _, self.where = separator(tok)
+        f = Path(path) / "tokenizer.json"
+        if f.exists():
+            from tokenizers import Tokenizer
+
+            self.backend = Tokenizer.from_file(str(f))
+        else:
+            self.backend = load_tokenizer(path).backend_tokenizer
+        self.sep, self.where = sep, where
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         encs = self.backend.encode_batch([str(t) for t in batch["text"]], add_special_tokens=False)
@@ -289,7 +298,7 @@ class ShardWriter:
 
 
 def prepare(inputs: list[str], tokenizer: str, out_dir: str, *, text_field: str = "text", val_every: int = 50,
-            shard_tokens: int = 1 << 24, row_group_tokens: int = 1 << 16, batch_size: int = 256,
+            shard_tokens: int = 1 << 24, row_group_tokens: int = 1 << 16, batch_size: int = 32,
             num_tokenizers: int = 0, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Tokenize `inputs` into Parquet shards under `out_dir` and write its manifest.json.
 
@@ -319,11 +328,17 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, *, text_field: str 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the driver must see documents in input order
     ctx.enable_progress_bars = False  # our own bar below counts documents and tokens
-    n = num_tokenizers or max(1, int(ray.available_resources().get("CPU", 1)) if ray.is_initialized() else 1)
+    # Small blocks: one file's documents must spread over every tokenizer actor, not arrive as one block.
+    ctx.target_max_block_size = min(ctx.target_max_block_size or 1 << 30, 1 << 20)
+    # Leave a CPU for the file-reading tasks: actors holding every CPU would starve them forever.
+    cpus = int(ray.available_resources().get("CPU", 2)) if ray.is_initialized() else 2
+    n = num_tokenizers or max(1, cpus - 1)
     ds = ray.data.from_items([{"file": i, "path": f} for i, f in enumerate(files)], override_num_blocks=len(files))
-    ds = ds.flat_map(_read_file, fn_kwargs={"text_field": text_field})
-    ds = ds.map_batches(_Tokenize, fn_constructor_kwargs={"path": tokenizer}, batch_size=batch_size,
-                        concurrency=(1, n), batch_format="numpy", num_cpus=1)
+    ds = ds.flat_map(_read_file, fn_kwargs={"text_field": text_field}, num_cpus=0.5)
+    sep = tok["separator"]
+    ds = ds.map_batches(_Tokenize, batch_size=batch_size,
+                        fn_constructor_kwargs={"path": tokenizer, "sep": sep["id"], "where": sep["position"]},
+                        compute=ray.data.ActorPoolStrategy(size=n), batch_format="numpy", num_cpus=1)
 
     writers = {"train": ShardWriter(out, "train", shard_tokens, row_group_tokens),
                "val": ShardWriter(out, "val", shard_tokens, row_group_tokens)}

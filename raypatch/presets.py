@@ -39,7 +39,7 @@ def demo() -> Config:
                           num_heads=4, max_position_embeddings=128),
         patch=PatchConfig(k=4, lam=2 / 3),
         data=DataConfig(seq_len=128, max_tokens=0),
-        optim=OptimConfig(lr=2e-3, warmup_steps=10, tokens_per_step=8192, micro_batch_size=4),
+        optim=OptimConfig(lr=2e-3, warmup_steps=10, tokens_per_step=4096, micro_batch_size=4),
         scale=ScaleConfig(num_workers=2, zero_stage=2, precision="fp32", cpus_per_worker=1.0),
         checkpoint=CheckpointConfig(name="demo", every_steps=50),
         eval=EvalConfig(every_steps=50, max_rows=64),

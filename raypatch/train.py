@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,14 @@ def quiet_worker_logs() -> None:
     """Keep the worker's output to our one line per log interval: Ray Data, Train and DeepSpeed say a lot."""
     import logging
 
-    for name in ("ray.data", "ray.train", "DeepSpeed", "deepspeed", "torch.distributed"):
+    names = ["ray.data", "ray.train", "DeepSpeed", "deepspeed", "torch.distributed"]
+    try:  # Train V2 logs every report at INFO under a logger named by its file path, not "ray.train"
+        from ray.train.v2._internal.execution import context
+
+        names.append(context.__file__)
+    except ImportError:
+        pass
+    for name in names:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -176,8 +184,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     np.random.seed(cfg.seed)
 
     def say(msg: str) -> None:
+        # Straight to stdout: Train V2 patches print() into its logger, which repeats each line on the driver.
         if rank == 0:
-            print(msg, flush=True)
+            sys.stdout.write(msg + "\n")
+            sys.stdout.flush()
 
     # The data plan is a pure function of the manifest and the config: every worker computes the same.
     manifest = load_manifest(cfg.data.shards)
@@ -250,12 +260,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # --- the two phases -------------------------------------------------------------------------------
     log_loss = torch.zeros(2, dtype=torch.float64, device=device)
     metrics: dict[str, Any] = {}
-    bar = None
-    if rank == 0:
-        from ray.experimental.tqdm_ray import tqdm
-
-        bar = tqdm(total=sum(p.num_steps for p in plans), desc=f"{cfg.checkpoint.name} steps")
-        bar.update(state["global_step"])
     for pi in range(state["phase"], len(plans)):
         plan = plans[pi]
         at_switch = pi > 0 and state["step_in_phase"] == 0
@@ -283,7 +287,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 window_wait += time.perf_counter() - t
                 check_token_ids(batch["input_ids"], cfg.model.vocab_size,
                                 lambda p=plan, b=batch: f"{p.phase}-phase blocks {b['block'].tolist()}")
-                ids = torch.from_numpy(batch["input_ids"]).to(device=device, dtype=torch.long)  # (mb, block)
+                ids = torch.from_numpy(batch["input_ids"].astype(np.int64)).to(device)  # (mb, block)
                 trained_blocks += batch["block"].tolist()
                 engine.set_gradient_accumulation_boundary(micro == ga - 1)
                 loss = engine(ids, plan.k)
@@ -299,8 +303,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             state["flops"] += fpp * cfg.optim.tokens_per_step / plan.k
             state["seconds"][plan.phase] += time.perf_counter() - step_t
             window_tokens += cfg.optim.tokens_per_step
-            if bar is not None:
-                bar.update(1)
             if cfg.data.record_blocks:
                 with open(run_dir / f"blocks-rank{rank}.jsonl", "a") as f:
                     f.write(json.dumps({"phase": plan.phase, "step": step, "global_step": state["global_step"],
@@ -342,8 +344,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             state["phase"] = len(plans)
 
     writer.close()
-    if bar is not None:
-        bar.close()
     dist.barrier()
     summary = {"state": state, "params": n_params, "flops_per_position": fpp, "config": cfg.to_dict(),
                "plan": plan_dicts(plans), "final": {k: v for k, v in metrics.items() if "/" in k}}
@@ -378,7 +378,7 @@ def preflight(cfg: Config) -> list[PhasePlan]:
 
 def build_trainer(cfg: Config, *, callbacks: list | None = None) -> Any:
     """The TorchTrainer for `cfg`: the same object for `raypatch train`, jobs and Tune trials."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     run_dir = run_dir_of(cfg)
@@ -395,7 +395,8 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None) -> Any:
             name=cfg.checkpoint.name, storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-            worker_runtime_env={"env_vars": env}, callbacks=callbacks),
+            worker_runtime_env={"env_vars": env}, callbacks=callbacks,
+            logging_config=LoggingConfig(log_level="WARNING")),
     )
 
 
