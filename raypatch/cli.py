@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prepare", help="tokenize raw text into Parquet shards with Ray Data")
     pr.add_argument("--input", nargs="+", required=True, help="files or globs (.jsonl/.txt/.parquet, .gz ok)")
     pr.add_argument("--tokenizer", required=True, help="a local HF tokenizer directory")
+    pr.add_argument("--train-tokenizer", type=int, default=0, metavar="VOCAB",
+                    help="first train a byte-level BPE of this size into --tokenizer (if it does not exist)")
     pr.add_argument("--out", required=True)
     pr.add_argument("--text-field", default="text")
     pr.add_argument("--val-every", type=int, default=50, help="every Nth document goes to the val split (0: none)")
@@ -135,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "prepare":
             from raypatch.prepare import prepare
 
+            if args.train_tokenizer and not Path(args.tokenizer).exists():
+                from raypatch.prepare import train_tokenizer
+
+                train_tokenizer(args.input, args.tokenizer, vocab_size=args.train_tokenizer,
+                                text_field=args.text_field)
             init_ray()
             m = prepare(args.input, args.tokenizer, args.out, text_field=args.text_field, val_every=args.val_every,
                         shard_tokens=args.shard_tokens, overwrite=args.overwrite)
