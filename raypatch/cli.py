@@ -92,6 +92,32 @@ def train_command(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
     return results
 
 
+def tune_command(args: argparse.Namespace) -> dict[str, Path]:
+    """`raypatch tune`: one search (or successive halving), then the table, the heatmap and best.yaml."""
+    import time
+
+    from raypatch import tune
+
+    base = ensure_default_data(load_config(args.config, args.set))
+    space = tune.parse_space(args.space)
+    fpp = tune.model_flops_per_position(base) if args.flops else None
+    init_ray()
+    t0 = time.perf_counter()
+    kw = {"flops_per_pos": fpp, "multi_epoch": args.multi_epoch, "concurrency": args.concurrency}
+    storage = str(Path(base.checkpoint.storage_path).expanduser().resolve())
+    if args.halving:
+        rows = tune.successive_halving(base, budget=args.budget, space=space, name=args.name, storage=storage,
+                                       rungs=args.rungs, eta=args.eta, **kw)
+    else:
+        rows = tune.run_search(base, budget=args.budget, space=space, name=args.name, storage=storage,
+                               search=args.search, num_samples=args.num_samples, **kw)
+    paths = tune.write_outputs(rows, Path(storage) / args.name, budget=args.budget / (fpp or 1),
+                               wall_s=time.perf_counter() - t0)
+    print(paths["md"].read_text())
+    print("\n".join(f"{k}: {v}" for k, v in paths.items()), flush=True)
+    return paths
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raypatch", description="Patch-level training of LLMs on Ray.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -119,6 +145,32 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", default="demo", help="a preset (tiny, demo, paper-370m) or a YAML file")
     tr.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-3")
     tr.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+
+    tu = sub.add_parser("tune", help="search K and λ (and friends) under a fixed compute budget with Ray Tune")
+    tu.add_argument("--config", default="demo", help="the base preset or YAML file")
+    tu.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of the base config")
+    tu.add_argument("--budget", type=float, required=True,
+                    help="compute per trial: model positions (tokens + patches), or FLOPs with --flops")
+    tu.add_argument("--flops", action="store_true", help="--budget is in FLOPs (6·N + attention per position)")
+    tu.add_argument("--space", nargs="+", default=["k-lam"],
+                    help="dotted key=v1,v2 / key=uniform:a:b / key=loguniform:a:b, or a named space "
+                         "(k-lam, lam, k, k-lam-lr)")
+    tu.add_argument("--search", default="grid", choices=["grid", "random", "optuna"])
+    tu.add_argument("--num-samples", type=int, default=8, help="trials for random and optuna search")
+    tu.add_argument("--halving", action="store_true",
+                    help="successive halving over budgets: complete runs at budget, η·budget, η²·budget")
+    tu.add_argument("--rungs", type=int, default=3)
+    tu.add_argument("--eta", type=int, default=2)
+    tu.add_argument("--multi-epoch", action="store_true", help="repeat the corpus when a trial needs more tokens")
+    tu.add_argument("--name", default="tune", help="experiment name; rerun the same name to continue it")
+    tu.add_argument("--concurrency", type=int, default=0, help="max concurrent trials (0: from the cluster)")
+
+    pl = sub.add_parser("plan", help="the (K, λ, D) options a compute budget affords")
+    pl.add_argument("--budget", type=float, required=True, help="model positions (tokens + patches)")
+    pl.add_argument("--corpus-tokens", type=int, required=True)
+    pl.add_argument("--k", default="1,2,4,8")
+    pl.add_argument("--lam", default="0.5,0.667,0.8")
+    pl.add_argument("--experiment", default="", help="a finished `raypatch tune` output directory")
 
     ex = sub.add_parser("export", help="consolidate a checkpoint into a Hugging Face model directory")
     ex.add_argument("--checkpoint", required=True)
@@ -156,6 +208,14 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             init_ray()
             train_command(cfg)
+        elif args.cmd == "tune":
+            tune_command(args)
+        elif args.cmd == "plan":
+            from raypatch.tune import plan_table, read_results
+
+            results = read_results(args.experiment) if args.experiment else None
+            print(plan_table(args.budget, args.corpus_tokens, ks=[int(x) for x in args.k.split(",")],
+                             lams=[float(x) for x in args.lam.split(",")], results=results))
         elif args.cmd == "export":
             from raypatch.checkpoint import export_hf
 

@@ -91,6 +91,8 @@ class DataConfig:
     """T: model positions per row, the same in both phases."""
     max_tokens: int = 0
     """D: train on the first D tokens of the stream; 0 = every token in the shards."""
+    epochs: int = 1
+    """Passes over the train stream allowed (multi-epoch mode when > 1: patch phase on the first λ of them)."""
     read_cpus: float = 0.25
     """Logical CPUs each Ray Data read task asks for (keep below what Train leaves free)."""
     prefetch_batches: int = 4
@@ -99,7 +101,7 @@ class DataConfig:
     """Append every trained block index to <run>/blocks-rank<r>.jsonl (audits and tests)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "data", "seq_len", "read_cpus")
+        _positive(self, "data", "seq_len", "read_cpus", "epochs")
         if self.max_tokens < 0:
             _fail("data.max_tokens", f"must be >= 0, got {self.max_tokens}")
         if self.prefetch_batches < 0:

@@ -99,6 +99,18 @@ class TokenStream:
             self._files[i] = pf
         return self._files[i]
 
+    def read_epochs(self, start: int, end: int) -> np.ndarray:
+        """Like read, on the stream repeated end to end (multi-epoch plans address epoch e at e·total)."""
+        if end <= self.total_tokens:
+            return self.read(start, end)
+        parts, pos = [], start
+        while pos < end:
+            s = pos % self.total_tokens
+            n = min(self.total_tokens - s, end - pos)
+            parts.append(self.read(s, s + n))
+            pos += n
+        return np.concatenate(parts)
+
     def read(self, start: int, end: int) -> np.ndarray:
         """Tokens [start, end) of the stream as int32, reading only the row groups that overlap it."""
         if not 0 <= start <= end <= self.total_tokens:
@@ -163,12 +175,20 @@ class PhasePlan:
 
 def plan_phases(*, stream_tokens: int, seq_len: int, k: int, lam: float, tokens_per_step: int,
                 max_tokens: int = 0, patch_block_tokens: int | None = None, patch_only: bool = False,
-                source: str = "the corpus") -> list[PhasePlan]:
-    """Split the first D tokens of the stream: λ·D for the patch phase, the rest for the token phase."""
-    d = max_tokens or stream_tokens
-    if d > stream_tokens:
-        raise InputError(f"data.max_tokens={d:,} exceeds the {stream_tokens:,} train tokens in {source}")
-    patch_end = math.floor(lam * d)
+                epochs: int = 1, source: str = "the corpus") -> list[PhasePlan]:
+    """Split the first D tokens of the stream: λ·D for the patch phase, the rest for the token phase.
+
+    With epochs > 1 the stream repeats end to end (multi-epoch mode, the paper's Table 2 recipe): D may reach
+    epochs × stream_tokens, and the patch phase takes the first λ of those passes, the token phase the rest.
+    """
+    available = stream_tokens * epochs
+    d = max_tokens or available
+    if d > available:
+        more = f"; set data.epochs >= {-(-d // stream_tokens)} to repeat it" if epochs == 1 else ""
+        raise InputError(f"data.max_tokens={d:,} exceeds the {available:,} train tokens in {source}"
+                         f"{' over ' + str(epochs) + ' epochs' if epochs > 1 else ''}{more}")
+    # The epsilon keeps float noise in λ (2/3, or a λ chosen to land on whole steps) from dropping a token.
+    patch_end = math.floor(lam * d + 1e-6)
     pb = patch_block_tokens or k * seq_len
     plans = []
     if lam > 0:
@@ -191,7 +211,7 @@ def plan_from_config(cfg: Any, stream_tokens: int) -> list[PhasePlan]:
     return plan_phases(stream_tokens=stream_tokens, seq_len=cfg.data.seq_len, k=cfg.patch.k, lam=cfg.patch.lam,
                        tokens_per_step=cfg.optim.tokens_per_step, max_tokens=cfg.data.max_tokens,
                        patch_block_tokens=cfg.patch_block_tokens, patch_only=cfg.phases.patch_only,
-                       source=f"data.shards={cfg.data.shards}")
+                       epochs=cfg.data.epochs, source=f"data.shards={cfg.data.shards}")
 
 
 def worker_runs(plan: PhasePlan, rank: int, world: int, start_block: int = 0,
@@ -214,7 +234,7 @@ def iter_blocks(stream: TokenStream, plan: PhasePlan, rank: int = 0, world: int 
     """Without Ray: (block index, (block_tokens,) int32) for one worker, in order."""
     bt = plan.block_tokens
     for first, count in worker_runs(plan, rank, world, start_block, end_block):
-        toks = stream.read(plan.start + first * bt, plan.start + (first + count) * bt).reshape(count, bt)
+        toks = stream.read_epochs(plan.start + first * bt, plan.start + (first + count) * bt).reshape(count, bt)
         for i in range(count):
             yield first + i, toks[i]
 
@@ -240,7 +260,7 @@ def _read_blocks(batch: dict[str, np.ndarray], *, shards_dir: str, split: str, p
     for a, b in zip(batch["a"], batch["b"]):
         hi = int(b) if end_block is None else min(int(b), end_block)
         for first, count in worker_runs(p, rank, world, max(int(a), start_block), hi):
-            toks = stream.read(p.start + first * p.block_tokens, p.start + (first + count) * p.block_tokens)
+            toks = stream.read_epochs(p.start + first * p.block_tokens, p.start + (first + count) * p.block_tokens)
             rows.append(toks.reshape(count, p.block_tokens))  # (count, block_tokens)
             blocks.append(np.arange(first, first + count, dtype=np.int64))
     if not rows:

@@ -169,3 +169,22 @@ def test_token_ids_beyond_the_model_vocab(shards):
     check_vocab(m, 512, "data.shards")
     with pytest.raises(InputError, match="the shards' tokenizer has 512 tokens, more than model.vocab_size=256"):
         check_vocab(m, 256, "data.shards")
+
+
+def test_multi_epoch_plan_repeats_the_stream(shards):
+    stream = TokenStream(shards)
+    n = stream.total_tokens
+    with pytest.raises(InputError, match="set data.epochs >= 3"):
+        plans_for(n, max_tokens=2 * n + 1)
+    plans = plans_for(n, lam=0.5, epochs=4)
+    assert plans[0].token_budget == 2 * n and plans[1].start == 2 * n  # patch: epochs 1-2, token: 3-4
+    ref = source_stream(shards)
+    p = plans[1]
+    got = np.concatenate([x for _, x in iter_blocks(stream, p, 0, 1, 0, 200)])
+    assert np.array_equal(got, np.tile(ref, 4)[p.start:p.start + len(got)])
+
+
+def test_patch_only_and_token_only_plans():
+    assert [p.phase for p in plans_for(100_000, patch_only=True)] == ["patch"]
+    base = plans_for(100_000, lam=0.0)
+    assert [p.phase for p in base] == ["token"] and base[0].start == 0

@@ -1,0 +1,378 @@
+"""Ray Tune search over K, λ (and friends) under a fixed compute budget.
+
+Every trial gets the same compute C (model positions: tokens in the token phase plus patches in the patch
+phase, or FLOPs at flops_per_position each) and, for its K and λ, trains on D = C / (λ/K + 1 − λ) tokens of
+the same stream: λ·D at patch level, the rest at token level. The phase budgets are rounded to whole optimizer
+steps so that every trial's compute is C minus less than one token-phase step. A trial stops itself when its
+budget is spent (it is an ordinary complete run), never through Tune's stop (Ray issue 54305).
+
+The objective is the final token-level validation loss. No ASHA and no early stopping on training curves:
+the patch-initialised model trails the baseline until late in the token phase (patch-spec §5). Successive
+halving is offered over *budgets*: every rung runs complete two-phase schedules, at η times the budget of
+the rung before, on the best 1/η of the configurations.
+
+Ray Train V2's pattern: `Tuner(driver)`, whose driver builds and fits the same TorchTrainer as
+`raypatch train`, with `TuneReportCallback`; trial run names derive from the trial id.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raypatch.config import Config, apply_overrides, set_dotted, to_yaml
+
+# --- the search space ------------------------------------------------------------------------------
+
+
+SPACES = {
+    # The paper's axes: patch size and patch share (K=1 is the token-only baseline).
+    "k-lam": ["patch.k=1,2,4,8", "patch.lam=0.5,0.667,0.8"],
+    "lam": ["patch.k=4", "patch.lam=0.25,0.5,0.667,0.75,0.875"],
+    "k": ["patch.k=1,2,4,8,16", "patch.lam=0.5"],
+    "k-lam-lr": ["patch.k=2,4,8", "patch.lam=uniform:0.3:0.9", "optim.lr=loguniform:1e-4:3e-3"],
+}
+
+
+def parse_space(items: list[str]) -> dict[str, list[Any] | tuple[str, float, float]]:
+    """Dotted keys to values: 'patch.k=1,2,4' (a grid of choices), 'optim.lr=loguniform:1e-4:1e-2' or
+    'patch.lam=uniform:0.3:0.8' (random search only), or the name of a space in SPACES."""
+    if len(items) == 1 and items[0] in SPACES:
+        items = SPACES[items[0]]
+    space: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--space {item!r}: expected key=v1,v2,... or key=uniform:a:b")
+        key, spec = item.split("=", 1)
+        if spec.startswith(("uniform:", "loguniform:")):
+            kind, a, b = spec.split(":")
+            space[key] = (kind, float(a), float(b))
+        else:
+            space[key] = [v for v in spec.split(",") if v]
+        set_dotted(Config().to_dict(), key, None)  # an unknown key fails here, naming it
+    return space
+
+
+def grid_points(space: dict[str, Any]) -> list[dict[str, str]]:
+    """Every combination of the listed values; K=1 points collapse to the token-only baseline (λ=0)."""
+    keys = list(space)
+    for k in keys:
+        if not isinstance(space[k], list):
+            raise ValueError(f"--space {k}: a grid needs listed values, not {space[k][0]} (use --search random)")
+    seen, out = set(), []
+    for combo in itertools.product(*(space[k] for k in keys)):
+        p = dict(zip(keys, combo))
+        if str(p.get("patch.k", "")) == "1" and "patch.lam" in p:
+            p["patch.lam"] = "0"  # K=1 is token-level training whatever λ says
+        sig = tuple(sorted(p.items()))
+        if sig not in seen:
+            seen.add(sig)
+            out.append(p)
+    return out
+
+
+# --- fixed compute -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrialBudget:
+    k: int
+    lam_requested: float
+    lam: float
+    """λ actually used: the patch share after rounding both phases to whole steps."""
+    data_tokens: int
+    patch_tokens: int
+    token_tokens: int
+    positions: int
+    epochs: int
+
+
+def trial_budget(cfg: Config, budget: float, *, corpus_tokens: int, flops_per_pos: float | None = None,
+                 multi_epoch: bool = False) -> TrialBudget:
+    """The data one trial can afford: whole optimizer steps in each phase, compute within one step of C."""
+    tps = cfg.optim.tokens_per_step
+    k, lam = cfg.patch.k, cfg.patch.lam if cfg.patch.k > 1 else 0.0
+    positions = budget / flops_per_pos if flops_per_pos else budget
+    if positions < tps:
+        raise ValueError(f"--budget {budget:g} affords {positions:,.0f} positions, less than one optimizer step of "
+                         f"{tps:,} tokens (optim.tokens_per_step)")
+    d = positions / (lam / k + 1 - lam)
+    n_patch = round(lam * d / tps)
+    # The token phase takes whole steps of what is left; the unspent remainder is under one token step.
+    n_token = math.floor((positions - n_patch * tps / k) / tps + 1e-9)
+    if lam > 0 and (n_patch == 0 or n_token == 0) and not cfg.phases.patch_only:
+        raise ValueError(f"--budget {budget:g} is too small for K={k}, λ={lam:.3g}: it affords {n_patch} patch and "
+                         f"{n_token} token steps of {tps:,} tokens; both phases need at least one")
+    d_used = (n_patch + n_token) * tps
+    epochs = max(1, -(-d_used // corpus_tokens))
+    if epochs > 1 and not multi_epoch:
+        raise ValueError(f"K={k}, λ={lam:.3g} needs D={d_used:,} tokens for this budget but the corpus holds "
+                         f"{corpus_tokens:,}; pass --multi-epoch to repeat it ({epochs} epochs)")
+    return TrialBudget(k=k, lam_requested=cfg.patch.lam, lam=n_patch * tps / d_used, data_tokens=d_used,
+                       patch_tokens=n_patch * tps, token_tokens=n_token * tps,
+                       positions=n_patch * tps // k + n_token * tps, epochs=epochs)
+
+
+def trial_config(base: Config, params: dict[str, Any], budget: float, *, corpus_tokens: int,
+                 flops_per_pos: float | None = None, multi_epoch: bool = False, name: str = "") -> Config:
+    """The base config with a trial's parameters, its data budget and its run name."""
+    cfg = apply_overrides(base, [f"{k}={v}" for k, v in params.items()])
+    if cfg.patch.k == 1:
+        cfg = apply_overrides(cfg, ["patch.lam=0"])
+    b = trial_budget(cfg, budget, corpus_tokens=corpus_tokens, flops_per_pos=flops_per_pos, multi_epoch=multi_epoch)
+    over = [f"patch.lam={b.lam!r}", f"data.max_tokens={b.data_tokens}", f"data.epochs={b.epochs}",
+            "compare_baseline=false"]
+    if name:
+        over.append(f"checkpoint.name={name}")
+    return apply_overrides(cfg, over)
+
+
+# --- the Tune driver -------------------------------------------------------------------------------------
+
+
+def train_driver(config: dict[str, Any]) -> None:
+    """One Tune trial: build the same TorchTrainer as `raypatch train` for this trial's config and fit it."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raypatch.train import build_trainer, preflight
+
+    base = Config.from_dict(config["base"])
+    trial = ray.tune.get_context().get_trial_id()
+    cfg = trial_config(base, config["params"], config["budget"], corpus_tokens=config["corpus_tokens"],
+                       flops_per_pos=config.get("flops_per_pos"), multi_epoch=config.get("multi_epoch", False),
+                       name=f"trial-{trial}")
+    cfg = apply_overrides(cfg, [f"checkpoint.storage_path={config['trials_dir']}"])
+    preflight(cfg)
+    t0 = time.perf_counter()
+    result = build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+    if result.error is not None:
+        raise result.error
+    (Path(config["trials_dir"]) / cfg.checkpoint.name / "trial.json").write_text(json.dumps(
+        {"params": config["params"], "config": cfg.to_dict(), "wall_s": time.perf_counter() - t0,
+         "state": (result.return_value or {}).get("state"), "final": (result.return_value or {}).get("final")}))
+
+
+def max_concurrent(cfg: Config) -> int:
+    """Trials that fit the cluster at once, leaving a CPU for Ray Data and the Tune/Train drivers."""
+    import ray
+
+    res = ray.cluster_resources()
+    if cfg.scale.use_gpu:
+        return max(1, int(res.get("GPU", 0) // cfg.scale.num_workers))
+    per_trial = cfg.scale.num_workers * cfg.scale.cpus_per_worker
+    return max(1, int((res.get("CPU", 1) - 1) // per_trial))
+
+
+def run_search(base: Config, *, budget: float, space: dict[str, Any] | None = None, name: str, storage: str,
+               search: str = "grid", num_samples: int = 8, flops_per_pos: float | None = None,
+               multi_epoch: bool = False, concurrency: int = 0,
+               points: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One Tune experiment at one budget; resumes it (Tuner.restore) when it exists. Returns the trial rows.
+
+    `space` is parsed by parse_space; `points` gives the grid's points directly (successive halving).
+    """
+    from ray import tune
+
+    from raypatch.data import load_manifest
+
+    corpus = load_manifest(base.data.shards)["splits"]["train"]["tokens"]
+    exp_dir = Path(storage).expanduser().resolve() / name
+    trials_dir = exp_dir / "trials"
+    common = {"base": base.to_dict(), "budget": budget, "corpus_tokens": corpus, "flops_per_pos": flops_per_pos,
+              "multi_epoch": multi_epoch, "trials_dir": str(trials_dir)}
+    if search == "grid":
+        points = points if points is not None else grid_points(space or {})
+        for p in points:  # fail fast, before any trial starts, on a budget a trial cannot use
+            trial_config(base, p, budget, corpus_tokens=corpus, flops_per_pos=flops_per_pos, multi_epoch=multi_epoch)
+        param_space = {**common, "params": tune.grid_search(points)}
+        samples, search_alg = 1, None
+    else:
+        dom = {k: tune.choice(v) if isinstance(v, list) else
+               (tune.loguniform if v[0] == "loguniform" else tune.uniform)(v[1], v[2])
+               for k, v in (space or {}).items()}
+        param_space = {**common, "params": dom}
+        samples, search_alg = num_samples, None
+        if search == "optuna":
+            try:
+                from ray.tune.search.optuna import OptunaSearch
+            except ImportError as e:
+                raise ValueError("--search optuna needs optuna installed (pip install 'raypatch[tune]')") from e
+            search_alg = OptunaSearch(metric="val/loss", mode="min")
+        elif search != "random":
+            raise ValueError(f"--search {search!r}: expected grid, random or optuna")
+    trainable = tune.with_resources(train_driver, {"CPU": 0.01})
+    exp_dir.parent.mkdir(parents=True, exist_ok=True)
+    if tune.Tuner.can_restore(str(exp_dir)):
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(metric="val/loss", mode="min", num_samples=samples, search_alg=search_alg,
+                                        max_concurrent_trials=concurrency or max_concurrent(base)),
+            run_config=tune.RunConfig(name=name, storage_path=str(exp_dir.parent)))
+    grid = tuner.fit()
+    rows = []
+    for r in grid:
+        if r.error is not None or not r.metrics:
+            rows.append({"trial": r.path and Path(r.path).name, "error": str(r.error).splitlines()[0]
+                         if r.error else "no result"})
+            continue
+        trial_id = r.metrics.get("trial_id")
+        info_p = trials_dir / f"trial-{trial_id}" / "trial.json"
+        info = json.loads(info_p.read_text()) if info_p.exists() else {}
+        cfg = info.get("config") or {}
+        st = info.get("state") or {}
+        tok = st.get("tokens", {})
+        rows.append({
+            "trial": f"trial-{trial_id}", **{f"param:{k}": v for k, v in r.config["params"].items()},
+            "K": cfg.get("patch", {}).get("k"), "lam": round(cfg.get("patch", {}).get("lam", 0.0), 4),
+            "D": tok.get("patch", 0) + tok.get("token", 0), "patch_tokens": tok.get("patch"),
+            "token_tokens": tok.get("token"), "positions": sum(st.get("positions", {}).values()),
+            "flops": st.get("flops"), "val_loss": r.metrics.get("val/loss"), "val_ppl": r.metrics.get("val/ppl"),
+            "wikitext_ppl": r.metrics.get("wikitext/ppl"), "wall_s": round(info.get("wall_s", 0.0), 1),
+            "config": cfg})
+    return rows
+
+
+def successive_halving(base: Config, *, budget: float, space: dict[str, Any], name: str, storage: str,
+                       rungs: int = 3, eta: int = 2, **kw: Any) -> list[dict[str, Any]]:
+    """Rung r trains the best 1/η^r of the grid on η^r × budget; every comparison is between finished runs."""
+    points = grid_points(space)
+    all_rows: list[dict[str, Any]] = []
+    for r in range(rungs):
+        rows = run_search(base, budget=budget * eta**r, points=points, name=f"{name}-rung{r}", storage=storage,
+                          search="grid", **kw)
+        for row in rows:
+            row["rung"], row["budget"] = r, budget * eta**r
+        all_rows += rows
+        done = sorted((x for x in rows if x.get("val_loss") is not None), key=lambda x: x["val_loss"])
+        points = [{k.removeprefix("param:"): v for k, v in x.items() if k.startswith("param:")}
+                  for x in done[:max(1, len(done) // eta)]]
+        if not points:
+            break
+    return all_rows
+
+
+def write_outputs(rows: list[dict[str, Any]], out_dir: str | Path, *, budget: float, wall_s: float) -> dict[str, Path]:
+    """results.csv, results.md, heatmap.png (K × λ of final val loss) and best.yaml."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cols = ["trial", "K", "lam", "D", "patch_tokens", "token_tokens", "positions", "flops", "val_loss", "val_ppl",
+            "wikitext_ppl", "wall_s"]
+    if any("rung" in r for r in rows):
+        cols = ["rung", "budget", *cols]
+    ok = [r for r in rows if r.get("val_loss") is not None]
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(sorted(ok, key=lambda r: r["val_loss"]))
+    md = [f"Budget: {budget:,.0f} positions per trial; wall-clock of the search: {wall_s:.0f} s.", "",
+          "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in sorted(ok, key=lambda r: r["val_loss"]):
+        md.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    for r in rows:
+        if r.get("val_loss") is None:
+            md.append(f"\nfailed: {r.get('trial')}: {r.get('error')}")
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    paths = {"csv": out / "results.csv", "md": out / "results.md"}
+    if ok:
+        best = min(ok, key=lambda r: r["val_loss"])
+        cfg = Config.from_dict(best["config"])
+        cfg = apply_overrides(cfg, [f"checkpoint.name=best-of-{out.name}"])
+        head = f"# best trial {best['trial']}: final val loss {best['val_loss']:.4f}; run it with raypatch train\n"
+        (out / "best.yaml").write_text(head + to_yaml(cfg))
+        paths["best"] = out / "best.yaml"
+        paths["heatmap"] = heatmap(ok, out / "heatmap.png")
+    return paths
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return "" if v is None else str(v)
+
+
+def heatmap(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ks = sorted({r["K"] for r in rows})
+    lams = sorted({r["lam"] for r in rows})
+    grid = np.full((len(ks), len(lams)), np.nan)
+    for r in rows:  # the last rung wins where successive halving ran a point more than once
+        grid[ks.index(r["K"]), lams.index(r["lam"])] = r["val_loss"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(lams) + 2.5, 0.8 * len(ks) + 2))
+    im = ax.imshow(grid, cmap="viridis_r", aspect="auto")
+    ax.set_xticks(range(len(lams)), [f"{x:.3g}" for x in lams])
+    ax.set_yticks(range(len(ks)), [str(k) for k in ks])
+    ax.set_xlabel("λ (patch share of the data)")
+    ax.set_ylabel("K (patch size)")
+    for i, j in itertools.product(range(len(ks)), range(len(lams))):
+        if not np.isnan(grid[i, j]):
+            ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(im, label="final token-level val loss")
+    ax.set_title("fixed compute: final validation loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --- planning ---------------------------------------------------------------------------------------------
+
+
+def plan_table(budget: float, corpus_tokens: int, *, ks: list[int], lams: list[float],
+               results: list[dict[str, Any]] | None = None) -> str:
+    """(K, λ, D) options for a compute budget from the cost model, with measured losses when given."""
+    from raypatch.patching import budget_split
+
+    measured = {(int(r["K"]), round(float(r["lam"]), 2)): r for r in (results or [])}
+    lines = ["| K | λ | relative cost | D (tokens) | patch tokens | token tokens | epochs of the corpus | fits |"
+             + (" val loss |" if results else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if results else "")]
+    for k in ks:
+        for lam in ([0.0] if k == 1 else lams):
+            b = budget_split(budget, k, lam)
+            epochs = b.data_tokens / corpus_tokens
+            m = measured.get((k, round(lam, 2)))
+            lines.append(f"| {k} | {lam:.3g} | {b.relative_cost:.3f} | {b.data_tokens:,} | {b.patch_tokens:,} | "
+                         f"{b.token_tokens:,} | {epochs:.3g} | {'yes' if epochs <= 1 else 'multi-epoch'} |"
+                         + (f" {m['val_loss']:.4f} |" if m else (" - |" if results else "")))
+    return "\n".join(lines)
+
+
+def model_flops_per_position(cfg: Config) -> float:
+    """6·N + attention per position for cfg.model, counted on the meta device (no weights allocated)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raypatch.metrics import flops_per_position
+    from raypatch.model import hf_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(cfg.model))
+    n = sum(p.numel() for p in model.parameters())
+    return flops_per_position(num_params=n, num_layers=cfg.model.num_layers, hidden_size=cfg.model.hidden_size,
+                              seq_len=cfg.data.seq_len)
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a finished search's results.csv (for `raypatch plan --experiment`)."""
+    p = Path(path)
+    p = p / "results.csv" if p.is_dir() else p
+    if not p.exists():
+        raise ValueError(f"--experiment {path}: no results.csv (run `raypatch tune` first)")
+    with open(p) as f:
+        return [{k: v for k, v in r.items()} for r in csv.DictReader(f)]

@@ -1,0 +1,77 @@
+"""Fixed-compute search over K and λ with Ray Tune (Train V2 driver pattern). Run: pytest tests/test_tune.py"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from raypatch import presets
+from raypatch.config import apply_overrides, load_config
+from raypatch.tune import grid_points, parse_space, plan_table, trial_budget
+
+BUDGET = 4096  # model positions per trial (tokens in the token phase + patches in the patch phase)
+
+
+def base(shards: str, storage: Path):
+    # 512 tokens per step: whole rows for K up to 4 at T=32 on 2 workers x 2 rows; half a CPU per worker
+    # so that two trials run at once on the 4 logical CPUs of the test cluster.
+    return apply_overrides(presets.tiny(), [f"data.shards={shards}", f"checkpoint.storage_path={storage}",
+                                            "optim.tokens_per_step=512", "scale.cpus_per_worker=0.5",
+                                            "checkpoint.every_steps=0", "eval.wikitext="])
+
+
+def test_budget_split_is_whole_steps_within_one_step_of_the_budget():
+    cfg = apply_overrides(presets.tiny(), ["optim.tokens_per_step=512"])
+    for k, lam in [(1, 0.0), (2, 0.5), (2, 0.75), (4, 0.5), (4, 0.75)]:
+        b = trial_budget(apply_overrides(cfg, [f"patch.k={k}", f"patch.lam={lam}"]), BUDGET, corpus_tokens=10**6)
+        assert b.patch_tokens % 512 == 0 and b.token_tokens % 512 == 0
+        assert BUDGET - 512 < b.positions <= BUDGET
+        assert b.lam == pytest.approx(lam, abs=0.1)
+    with pytest.raises(ValueError, match="less than one optimizer step of 512 tokens"):
+        trial_budget(cfg, 300, corpus_tokens=10**6)
+    with pytest.raises(ValueError, match="pass --multi-epoch"):
+        trial_budget(cfg, BUDGET, corpus_tokens=1000)
+    assert trial_budget(cfg, BUDGET, corpus_tokens=1000, multi_epoch=True).epochs > 1
+
+
+def test_space_parsing():
+    pts = grid_points(parse_space(["patch.k=1,2,4", "patch.lam=0.5,0.75"]))
+    assert len(pts) == 5 and {"patch.k": "1", "patch.lam": "0"} in pts  # K=1 collapses to the baseline
+    with pytest.raises(ValueError, match="'patch.kk': unknown key"):
+        parse_space(["patch.kk=1,2"])
+    assert parse_space(["optim.lr=loguniform:1e-4:1e-2"])["optim.lr"] == ("loguniform", 1e-4, 1e-2)
+
+
+def test_plan_prints_options():
+    table = plan_table(1e6, 1_500_000, ks=[1, 4], lams=[0.5, 2 / 3])
+    assert "| 4 | 0.667 | 0.500 | 2,000,000 |" in table and "multi-epoch" in table
+
+
+@pytest.mark.ray
+def test_small_search_under_fixed_compute(shards, ray_local, tmp_path):
+    from raypatch.tune import run_search, write_outputs
+
+    cfg = base(shards, tmp_path)
+    space = parse_space(["patch.k=1,2,4", "patch.lam=0.5,0.75"])
+    rows = run_search(cfg, budget=BUDGET, space=space, name="klam", storage=str(tmp_path), concurrency=2)
+    ok = [r for r in rows if r.get("val_loss") is not None]
+    assert len(ok) == 5, rows
+    assert {(r["K"], r["lam"] > 0) for r in ok} == {(1, False), (2, True), (4, True)}
+    for r in ok:  # the same compute for every trial, within one optimizer step
+        assert BUDGET - 512 < r["positions"] <= BUDGET, r
+        assert r["D"] == r["patch_tokens"] + r["token_tokens"]
+        assert r["trial"].startswith("trial-") and (tmp_path / "klam" / "trials" / r["trial"]).is_dir()
+    d4 = next(r for r in ok if r["K"] == 4 and r["lam"] > 0.6)
+    d1 = next(r for r in ok if r["K"] == 1)
+    assert d4["D"] > 1.8 * d1["D"]  # K=4, λ≈0.75 affords about 1/(0.75/4 + 0.25) = 2.3x the data
+    paths = write_outputs(rows, tmp_path / "klam", budget=BUDGET, wall_s=1.0)
+    assert {"csv", "md", "best", "heatmap"} <= set(paths) and paths["heatmap"].stat().st_size > 0
+    with open(paths["csv"]) as f:
+        assert len(list(csv.DictReader(f))) == 5
+    best = load_config(str(paths["best"]))
+    assert best.data.max_tokens == min(ok, key=lambda r: r["val_loss"])["D"]
+    # Rerunning the same experiment name continues it (Tuner.restore): nothing is retrained.
+    again = run_search(cfg, budget=BUDGET, space=space, name="klam", storage=str(tmp_path), concurrency=2)
+    assert sorted(r["trial"] for r in again) == sorted(r["trial"] for r in ok)
