@@ -56,7 +56,10 @@ def save_local(engine: Any, *, rank: int, meta: dict[str, Any]) -> Path:
     import torch
 
     d = Path(tempfile.mkdtemp(prefix="raypatch-ckpt-"))
-    engine.save_checkpoint(str(d), tag=TAG, save_latest=False)
+    # The universal-checkpoint marker lets DeepSpeed's ds_to_universal convert this checkpoint when a run
+    # resumes at another data-parallel size (elastic training, or a cluster that lost nodes).
+    engine.save_checkpoint(str(d), tag=TAG, save_latest=False,
+                           client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
     rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
     (d / f"rng-{rank}.json").write_text(json.dumps({"torch": rng}))
     if rank == 0:
@@ -91,6 +94,24 @@ def check_compatible(meta: dict[str, Any], *, config: dict[str, Any], tokenizer_
     if meta["plan"] != plan:
         raise ValueError(f"checkpoint {where} was made with another data plan (patch.k, patch.lam, data.seq_len, "
                          f"data.max_tokens or optim.tokens_per_step changed); resuming would break the data cursor")
+
+
+def to_universal(ckpt_dir: str | Path) -> str:
+    """Convert the ZeRO shards under ckpt_dir/ds into a universal checkpoint (ckpt_dir/ds_universal) that
+    loads at any data-parallel size; returns the tag to load. Idempotent."""
+    import subprocess
+    import sys
+
+    out = Path(ckpt_dir) / f"{TAG}_universal"
+    if not (out / "zero").is_dir():
+        tmp = Path(ckpt_dir) / f".{TAG}_universal.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        str(Path(ckpt_dir) / TAG), "--output_folder", str(tmp), "--num_extract_workers", "1",
+                        "--num_merge_workers", "1"], check=True, capture_output=True)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    return out.name
 
 
 def find_latest(run_dir: str | Path) -> Path | None:

@@ -153,7 +153,11 @@ class PhasesConfig:
 @dataclass(kw_only=True)
 class ScaleConfig:
     num_workers: int = 2
-    """Ray Train workers (data-parallel ranks)."""
+    """Ray Train workers (data-parallel ranks); the most workers when min_workers is set."""
+    min_workers: int = 0
+    """Elastic training: run on min_workers..num_workers as nodes come and go (0 = a fixed num_workers)."""
+    resize_check_s: float = 60.0
+    """Elastic training: how often Ray Train looks for room to grow the worker group."""
     use_gpu: bool = False
     """One GPU per worker (NCCL) instead of CPU workers (gloo)."""
     cpus_per_worker: float = 1.0
@@ -167,6 +171,8 @@ class ScaleConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "scale", "num_workers", "cpus_per_worker")
+        if self.min_workers < 0 or self.min_workers > self.num_workers:
+            _fail("scale.min_workers", f"must be in [0, scale.num_workers={self.num_workers}], got {self.min_workers}")
         if self.zero_stage not in (1, 2, 3):
             _fail("scale.zero_stage", f"must be 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("bf16", "fp32"):
@@ -181,6 +187,12 @@ class CheckpointConfig:
     """Run name; rerunning with the same name and storage path resumes the run."""
     every_steps: int = 0
     """Checkpoint every N optimizer steps (0 = only at the phase switch and at the end)."""
+    every_tokens: int = 0
+    """Also checkpoint whenever this many more tokens have been trained (0 = off)."""
+    every_minutes: float = 0.0
+    """Also checkpoint when this many minutes passed since the last checkpoint (0 = off); bounds spot losses."""
+    preemption_check_every: int = 1
+    """Ask Ray for a preemption notice every N steps (a barrier); on one, save a just-in-time checkpoint."""
     keep: int = 3
     """Checkpoints kept on storage."""
     max_failures: int = 0
@@ -189,8 +201,10 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             _fail("checkpoint.name", f"must be a non-empty name without '/', got {self.name!r}")
-        if self.every_steps < 0 or self.keep < 1:
-            _fail("checkpoint", "every_steps must be >= 0 and keep >= 1")
+        if self.every_steps < 0 or self.keep < 1 or self.every_tokens < 0 or self.every_minutes < 0:
+            _fail("checkpoint", "every_steps, every_tokens and every_minutes must be >= 0 and keep >= 1")
+        if self.preemption_check_every < 0:
+            _fail("checkpoint.preemption_check_every", f"must be >= 0, got {self.preemption_check_every}")
 
 
 @dataclass(kw_only=True)
@@ -238,14 +252,17 @@ class Config:
         if self.log_every < 1:
             _fail("log_every", f"must be >= 1, got {self.log_every}")
         # Every phase's optimizer step must split into whole micro-batches on every worker.
+        # With elastic training every size the group can take must keep the global batch exact.
+        sizes = range(self.scale.min_workers or self.scale.num_workers, self.scale.num_workers + 1)
         for name, block in (("patch", self.patch_block_tokens), ("token", self.data.seq_len)):
             if name == "patch" and self.patch.lam == 0:
                 continue
-            per_micro = block * self.optim.micro_batch_size * self.scale.num_workers
-            if self.optim.tokens_per_step % per_micro:
-                _fail("optim.tokens_per_step", f"{self.optim.tokens_per_step} does not divide across "
-                      f"{self.scale.num_workers} workers x {self.optim.micro_batch_size} rows x {block} "
-                      f"tokens per {name}-phase row (needs a multiple of {per_micro})")
+            for n in sizes:
+                per_micro = block * self.optim.micro_batch_size * n
+                if self.optim.tokens_per_step % per_micro:
+                    _fail("optim.tokens_per_step", f"{self.optim.tokens_per_step} does not divide across "
+                          f"{n} workers x {self.optim.micro_batch_size} rows x {block} "
+                          f"tokens per {name}-phase row (needs a multiple of {per_micro})")
 
     @property
     def patch_block_tokens(self) -> int:

@@ -26,6 +26,7 @@ from raypatch.checkpoint import (
     load_meta,
     restore_rng,
     save_local,
+    to_universal,
 )
 from raypatch.config import Config
 from raypatch.data import (
@@ -157,6 +158,17 @@ def evaluate(engine: Any, rows: np.ndarray, *, rank: int, world: int, micro_batc
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
+def checkpoint_is_due(cfg: Config, since_t: float, device: Any) -> bool:
+    """checkpoint.every_minutes, decided by rank 0's clock so that every rank saves at the same step."""
+    import torch.distributed as dist
+
+    if not cfg.checkpoint.every_minutes:
+        return False
+    flag = torch.tensor([float(time.monotonic() - since_t >= 60 * cfg.checkpoint.every_minutes)], device=device)
+    dist.broadcast(flag, 0)
+    return bool(flag.item())
+
+
 def plan_dicts(plans: list[PhasePlan]) -> list[dict[str, Any]]:
     return [p.to_dict() for p in plans]
 
@@ -198,25 +210,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # Resume: the state says which phase, which step and (through the cursor) which blocks come next.
     state = new_state()
     ckpt = ray.train.get_checkpoint()
-    ckpt_dir = None
+    ckpt_dir, load_tag = None, "ds"
     if ckpt is not None:
         ckpt_dir = ckpt.to_directory()
         meta = load_meta(ckpt_dir)
         check_compatible(meta, config=cfg.to_dict(), tokenizer_fingerprint=manifest["tokenizer"]["fingerprint"],
                          plan=plan_dicts(plans), where=str(ckpt.path))
-        if meta["world_size"] != world:
-            raise ValueError(f"checkpoint {ckpt.path} was saved by {meta['world_size']} workers, this run has "
-                             f"{world}; ZeRO shards do not load at another data-parallel size")
         state = meta["state"]
+        if meta["world_size"] != world:
+            # ZeRO shards only load at the data-parallel size that wrote them: convert to DeepSpeed's universal
+            # checkpoint, which loads at any size. The data cursor needs nothing: it counts blocks, not ranks.
+            load_tag = to_universal(ckpt_dir)
+            say(f"resizing: checkpoint written by {meta['world_size']} workers, resuming on {world} "
+                f"(universal checkpoint; gradient accumulation recomputed, tokens per step unchanged)")
 
     model = PatchLM(build_model(cfg.model, seed=cfg.seed))
     n_params = num_params(model.hf)
     plan = plans[state["phase"]] if state["phase"] < len(plans) else plans[-1]
     ga = grad_accum_steps(plan, world, cfg.optim.micro_batch_size)
+    ds_config = deepspeed_config(cfg, ga, world)
+    if load_tag != "ds":
+        ds_config["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
-                                      config=deepspeed_config(cfg, ga, world))
+                                      config=ds_config)
     if ckpt_dir is not None:
-        engine.load_checkpoint(ckpt_dir, tag="ds", load_optimizer_states=True, load_lr_scheduler_states=False)
+        engine.load_checkpoint(ckpt_dir, tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=False)
         restore_rng(ckpt_dir, rank)
         say(f"resumed from {ckpt.path}: {plan.phase} phase, step {state['step_in_phase']}/{plan.num_steps}")
 
@@ -248,7 +266,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             + " ".join(f"{k} {v:.4f}" for k, v in out.items()))
         return out
 
+    since = {"t": time.monotonic(), "tokens": 0}  # since the last checkpoint: time and tokens trained
+
     def checkpoint(plan: PhasePlan, metrics: dict[str, Any]) -> None:
+        since.update(t=time.monotonic(), tokens=0)
         meta = {"version": 1, "state": state, "config": cfg.to_dict(), "plan": plan_dicts(plans),
                 "tokenizer_fingerprint": manifest["tokenizer"]["fingerprint"], "tokenizer_dir": tok_dir,
                 "world_size": world}
@@ -260,6 +281,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # --- the two phases -------------------------------------------------------------------------------
     log_loss = torch.zeros(2, dtype=torch.float64, device=device)
     metrics: dict[str, Any] = {}
+    jit_saved = False
     for pi in range(state["phase"], len(plans)):
         plan = plans[pi]
         at_switch = pi > 0 and state["step_in_phase"] == 0
@@ -324,8 +346,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 say(log_line(m))
                 if rank == 0:
                     writer.write(m)
+            since["tokens"] += cfg.optim.tokens_per_step
             do_eval = last or (cfg.eval.every_steps and state["global_step"] % cfg.eval.every_steps == 0)
-            do_ckpt = last or (cfg.checkpoint.every_steps and state["global_step"] % cfg.checkpoint.every_steps == 0)
+            do_ckpt = (last or (cfg.checkpoint.every_steps and state["global_step"] % cfg.checkpoint.every_steps == 0)
+                       or (cfg.checkpoint.every_tokens and since["tokens"] >= cfg.checkpoint.every_tokens)
+                       or checkpoint_is_due(cfg, since["t"], device))
+            pce = cfg.checkpoint.preemption_check_every
+            if pce and state["global_step"] % pce == 0 and not jit_saved:
+                info = ray.train.get_preemption_info()  # a barrier: every rank asks at the same steps
+                if info is not None:
+                    say(f"preemption notice (ranks {info.preempted_ranks}, deadline {info.deadline_ms}): "
+                        f"saving a just-in-time checkpoint at step {state['global_step']}")
+                    do_ckpt = jit_saved = True
             metrics = base_metrics(plan)
             t_extra = time.perf_counter()
             if do_eval:
@@ -353,7 +385,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 # --- the driver ----------------------------------------------------------------------------------------
 
 
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def storage_uri(cfg: Config) -> str:
+    """Where Ray Train keeps checkpoints: a local directory, or a URI such as s3://bucket/prefix."""
+    p = cfg.checkpoint.storage_path
+    return p if is_uri(p) else str(Path(p).expanduser().resolve())
+
+
 def run_dir_of(cfg: Config) -> Path:
+    """The local run directory for metrics, TensorBoard, plots, summary and export.
+
+    With local storage it is the run's own storage directory; with a URI (s3://...) checkpoints go there and
+    these files stay on local disk under ~/raypatch-runs/<name> (rank 0's node for metrics, the driver's for
+    the rest).
+    """
+    if is_uri(cfg.checkpoint.storage_path):
+        return Path("~/raypatch-runs").expanduser() / cfg.checkpoint.name
     return Path(cfg.checkpoint.storage_path).expanduser().resolve() / cfg.checkpoint.name
 
 
@@ -389,11 +439,15 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None) -> Any:
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir)},
-        scaling_config=ScalingConfig(num_workers=cfg.scale.num_workers, use_gpu=cfg.scale.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scale.cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=(cfg.scale.min_workers, cfg.scale.num_workers) if cfg.scale.min_workers
+            else cfg.scale.num_workers,
+            use_gpu=cfg.scale.use_gpu, resources_per_worker={"CPU": cfg.scale.cpus_per_worker},
+            elastic_resize_monitor_interval_s=cfg.scale.resize_check_s),
         run_config=RunConfig(
-            name=cfg.checkpoint.name, storage_path=str(run_dir.parent),
-            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            name=cfg.checkpoint.name, storage_path=storage_uri(cfg),
+            # Preemptions (spot reclaims, drained nodes) never use up max_failures, which is for real errors.
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures, max_preemption_failures=-1),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             worker_runtime_env={"env_vars": env}, callbacks=callbacks,
             logging_config=LoggingConfig(log_level="WARNING")),

@@ -207,7 +207,12 @@ def run_search(base: Config, *, budget: float, space: dict[str, Any] | None = No
             search_alg = OptunaSearch(metric="val/loss", mode="min")
         elif search != "random":
             raise ValueError(f"--search {search!r}: expected grid, random or optuna")
-    trainable = tune.with_resources(train_driver, {"CPU": 0.01})
+    # The trial driver only waits on its TorchTrainer. On a cluster whose head carries the custom resource
+    # "driver" (cluster.yaml), drivers stay on that on-demand node, never on a spot worker.
+    import ray
+
+    resources = {"CPU": 0.01} | ({"driver": 0.01} if ray.cluster_resources().get("driver") else {})
+    trainable = tune.with_resources(train_driver, resources)
     exp_dir.parent.mkdir(parents=True, exist_ok=True)
     if tune.Tuner.can_restore(str(exp_dir)):
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
