@@ -162,6 +162,8 @@ class ScaleConfig:
     """One GPU per worker (NCCL) instead of CPU workers (gloo)."""
     cpus_per_worker: float = 1.0
     """Logical CPUs each Train worker reserves; leave some for Ray Data."""
+    worker_resources: str = ""
+    """More resources each worker asks for, as name=amount pairs: 'trainslot=1' or 'spot_gpu=1,ssd=1'."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 1, 2 or 3."""
     precision: str = "bf16"
@@ -173,6 +175,14 @@ class ScaleConfig:
         _positive(self, "scale", "num_workers", "cpus_per_worker")
         if self.min_workers < 0 or self.min_workers > self.num_workers:
             _fail("scale.min_workers", f"must be in [0, scale.num_workers={self.num_workers}], got {self.min_workers}")
+        for item in filter(None, self.worker_resources.split(",")):
+            name, _, amount = item.partition("=")
+            try:
+                ok = bool(name.strip()) and float(amount) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                _fail("scale.worker_resources", f"expected name=amount pairs separated by commas, got {item!r}")
         if self.zero_stage not in (1, 2, 3):
             _fail("scale.zero_stage", f"must be 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("bf16", "fp32"):

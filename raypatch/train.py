@@ -328,7 +328,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             if cfg.data.record_blocks:
                 with open(run_dir / f"blocks-rank{rank}.jsonl", "a") as f:
                     f.write(json.dumps({"phase": plan.phase, "step": step, "global_step": state["global_step"],
-                                        "pid": os.getpid(), "blocks": trained_blocks}) + "\n")
+                                        "rank": rank, "world": world, "pid": os.getpid(),
+                                        "blocks": trained_blocks}) + "\n")
             maybe_inject_fault(run_dir, rank, state["global_step"])
 
             last = step + 1 == plan.num_steps
@@ -358,6 +359,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     say(f"preemption notice (ranks {info.preempted_ranks}, deadline {info.deadline_ms}): "
                         f"saving a just-in-time checkpoint at step {state['global_step']}")
                     do_ckpt = jit_saved = True
+                    if rank == 0:
+                        writer.write(base_metrics(plan) | {"event": "preemption", "ranks": info.preempted_ranks})
             metrics = base_metrics(plan)
             t_extra = time.perf_counter()
             if do_eval:
@@ -426,6 +429,14 @@ def preflight(cfg: Config) -> list[PhasePlan]:
     return plans
 
 
+def worker_resources(cfg: Config) -> dict[str, float]:
+    res = {"CPU": cfg.scale.cpus_per_worker}
+    for item in filter(None, cfg.scale.worker_resources.split(",")):
+        name, _, amount = item.partition("=")
+        res[name.strip()] = float(amount)
+    return res
+
+
 def build_trainer(cfg: Config, *, callbacks: list | None = None) -> Any:
     """The TorchTrainer for `cfg`: the same object for `raypatch train`, jobs and Tune trials."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -442,7 +453,7 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None) -> Any:
         scaling_config=ScalingConfig(
             num_workers=(cfg.scale.min_workers, cfg.scale.num_workers) if cfg.scale.min_workers
             else cfg.scale.num_workers,
-            use_gpu=cfg.scale.use_gpu, resources_per_worker={"CPU": cfg.scale.cpus_per_worker},
+            use_gpu=cfg.scale.use_gpu, resources_per_worker=worker_resources(cfg),
             elastic_resize_monitor_interval_s=cfg.scale.resize_check_s),
         run_config=RunConfig(
             name=cfg.checkpoint.name, storage_path=storage_uri(cfg),

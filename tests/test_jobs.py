@@ -1,0 +1,132 @@
+"""`ray job submit` against a real local head started with `ray start --head`.
+
+Submits the tiny pretrain job and checks its artifacts, stops a second job with the job API, and resubmits it
+under the same run name to resume from its checkpoint. The head runs in its own process session and is shut
+down by killing that session (never `ray stop`, which would end every Ray process on the machine).
+
+Run: pytest tests/test_jobs.py   (about 2 minutes)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A head node on 127.0.0.1 with its own ports and temp dir; token auth off for head and client alike."""
+    port, dash, agent, agent_grpc, metrics, rt_env = (_free_port() for _ in range(6))
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    tmp = tmp_path_factory.mktemp("rayhead")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4", "--include-dashboard=true",
+         # Own agent ports: the session's other local cluster already holds Ray's default ones.
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}", f"--temp-dir={tmp}"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dash}"
+    old = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    from ray.job_submission import JobSubmissionClient
+
+    client = None
+    for _ in range(60):
+        try:
+            client = JobSubmissionClient(address)
+            client.list_jobs()
+            break
+        except Exception:  # noqa: BLE001 - the head is still starting
+            client = None
+            time.sleep(1)
+    assert client is not None, "the head did not come up"
+    yield client
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    if old is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = old
+
+
+def _wait(client, job_id: str, states: set[str], timeout: float = 400) -> str:
+    from ray.job_submission import JobStatus
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        status = client.get_job_status(job_id)
+        if status.value in states:
+            return status.value
+        if status in (JobStatus.FAILED,) and "FAILED" not in states:
+            raise AssertionError(client.get_job_logs(job_id)[-3000:])
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} not in {states} after {timeout}s: {client.get_job_logs(job_id)[-3000:]}")
+
+
+def _submit(client, args: str) -> str:
+    runtime_env = {"working_dir": str(ROOT), "excludes": [".venv", ".git", "runs", "benchmarks/results"],
+                   "env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}}
+    for _ in range(60):  # the head answers list_jobs before its job agent is ready to take a submission
+        try:
+            return client.submit_job(entrypoint=f"python jobs/pretrain.py --config tiny --set {args}",
+                                     runtime_env=runtime_env)
+        except RuntimeError as e:
+            if "No available agent" not in str(e):
+                raise
+            time.sleep(2)
+    raise AssertionError("the head's job agent never became available")
+
+
+def test_submit_stop_and_resubmit(head, shards, tmp_path):
+    client = head
+    common = f"data.shards={shards} checkpoint.storage_path={tmp_path} eval.wikitext="
+    job = _submit(client, f"{common} checkpoint.name=job1")
+    assert _wait(client, job, {"SUCCEEDED", "FAILED"}) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
+    run = tmp_path / "job1"
+    assert sorted(run.glob("checkpoint-*")) and (run / "metrics.jsonl").exists()
+    assert (run / "hf" / "model.safetensors").exists() and (run / "summary.json").exists()
+    assert "| patch K=2" in client.get_job_logs(job)
+
+    # A longer job: stop it once it has written a checkpoint, then resubmit the same run name.
+    long = f"{common} checkpoint.name=job2 data.max_tokens=0 checkpoint.every_steps=2"
+    job2 = _submit(client, long)
+    t0 = time.time()
+    while not list((tmp_path / "job2").glob("checkpoint-*/meta.json")):
+        assert time.time() - t0 < 300, client.get_job_logs(job2)[-3000:]
+        assert client.get_job_status(job2).value in ("PENDING", "RUNNING"), client.get_job_logs(job2)[-3000:]
+        time.sleep(1)
+    assert client.stop_job(job2)
+    assert _wait(client, job2, {"STOPPED"}, timeout=120) == "STOPPED"
+    time.sleep(3)  # let the stopped job's workers release their CPUs
+    job3 = _submit(client, long)
+    logs = ""
+    t0 = time.time()
+    while "resumed from" not in logs:
+        assert time.time() - t0 < 300, logs[-3000:]
+        assert client.get_job_status(job3).value in ("PENDING", "RUNNING"), logs[-3000:]
+        logs = client.get_job_logs(job3)
+        time.sleep(2)
+    assert client.stop_job(job3)
+    assert _wait(client, job3, {"STOPPED"}, timeout=120) == "STOPPED"
+    assert Path(tmp_path / "job2").is_dir()
