@@ -104,13 +104,19 @@ def to_universal(ckpt_dir: str | Path) -> str:
 
     out = Path(ckpt_dir) / f"{TAG}_universal"
     if not (out / "zero").is_dir():
-        tmp = Path(ckpt_dir) / f".{TAG}_universal.tmp"
+        # Ranks on one node may share ckpt_dir: each converts into its own temporary folder, the first to
+        # finish renames it into place and the others drop theirs.
+        tmp = Path(ckpt_dir) / f".{TAG}_universal.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                         str(Path(ckpt_dir) / TAG), "--output_folder", str(tmp), "--num_extract_workers", "1",
                         "--num_merge_workers", "1"], check=True, capture_output=True)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / "zero").is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     return out.name
 
 

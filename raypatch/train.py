@@ -279,6 +279,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                          checkpoint_dir_name=name)
 
     # --- the two phases -------------------------------------------------------------------------------
+    # One id per (re)start of the worker group, the same on every rank: rank 0's pid. Audits of trained
+    # blocks take, for every step, the blocks of the last attempt that trained it.
+    attempt_t = torch.tensor([os.getpid()], dtype=torch.int64, device=device)
+    dist.broadcast(attempt_t, 0)
+    attempt = int(attempt_t.item())
     log_loss = torch.zeros(2, dtype=torch.float64, device=device)
     metrics: dict[str, Any] = {}
     jit_saved = False
@@ -328,8 +333,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             if cfg.data.record_blocks:
                 with open(run_dir / f"blocks-rank{rank}.jsonl", "a") as f:
                     f.write(json.dumps({"phase": plan.phase, "step": step, "global_step": state["global_step"],
-                                        "rank": rank, "world": world, "pid": os.getpid(),
-                                        "blocks": trained_blocks}) + "\n")
+                                        "rank": rank, "world": world, "pid": os.getpid(), "attempt": attempt,
+                                        "t": time.time(), "blocks": trained_blocks}) + "\n")
             maybe_inject_fault(run_dir, rank, state["global_step"])
 
             last = step + 1 == plan.num_steps

@@ -20,23 +20,21 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-# Give up on a worker group that cannot start within 15 s (default 60), so a shrink happens quickly.
-os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def blocks_by_step(run: Path) -> dict[str, list[int]]:
-    last: dict[tuple[int, str, int], list[int]] = {}
-    for f in sorted(run.glob("blocks-rank*.jsonl")):
-        for line in f.read_text().splitlines():
-            r = json.loads(line)
-            last[(r["rank"], r["phase"], r["step"])] = r["blocks"]
+    """'phase:step' -> the blocks trained at that step by the last attempt (worker group) that ran it."""
+    latest: dict[str, tuple[float, int]] = {}
+    rows = records(run)
+    for r in rows:
+        key = f"{r['phase']}:{r['step']}"
+        if key not in latest or r["t"] > latest[key][0]:
+            latest[key] = (r["t"], r["attempt"])
     out: dict[str, list[int]] = {}
-    for (_, phase, step), blocks in sorted(last.items()):
-        out.setdefault(f"{phase}:{step}", []).extend(blocks)
-    return {k: sorted(v) for k, v in out.items()}
+    for r in rows:
+        key = f"{r['phase']}:{r['step']}"
+        if r["attempt"] == latest[key][1]:
+            out.setdefault(key, []).extend(r["blocks"])
+    return {k: sorted(v) for k, v in sorted(out.items())}
 
 
 def records(run: Path) -> list[dict]:
@@ -143,4 +141,9 @@ def main(scenario: str, out_dir: str, shards: str) -> None:
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    # Give up on a worker group that cannot start within 15 s (default 60), so a shrink happens quickly.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main(*sys.argv[1:4])

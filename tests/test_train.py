@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -28,18 +27,11 @@ def tiny(shards: str, storage: Path, name: str, *extra: str) -> Config:
                                             f"eval.wikitext={WIKITEXT}", *extra])
 
 
-def trained_steps(run_dir: Path) -> dict[tuple[str, int], list[int]]:
-    """(phase, step) -> blocks trained by all ranks, keeping each rank's last attempt at a step."""
-    last: dict[tuple[int, str, int], list[int]] = {}
-    for f in sorted(run_dir.glob("blocks-rank*.jsonl")):
-        rank = int(f.stem.removeprefix("blocks-rank"))
-        for line in f.read_text().splitlines():
-            r = json.loads(line)
-            last[(rank, r["phase"], r["step"])] = r["blocks"]
-    out: dict[tuple[str, int], list[int]] = defaultdict(list)
-    for (_, phase, step), blocks in sorted(last.items()):
-        out[(phase, step)] += blocks
-    return {k: sorted(v) for k, v in out.items()}
+def trained_steps(run_dir: Path) -> dict[str, list[int]]:
+    """'phase:step' -> blocks trained by all ranks of the last attempt (worker group) that ran the step."""
+    from .drills import blocks_by_step
+
+    return blocks_by_step(run_dir)
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:
@@ -84,7 +76,7 @@ def test_two_phases_in_one_run(reference, shards):
     # Every block of both phases' full steps trained exactly once, split across the 2 workers.
     steps = trained_steps(run)
     for p in plans:
-        got = [b for s in range(p.num_steps) for b in steps[(p.phase, s)]]
+        got = [b for s in range(p.num_steps) for b in steps[f"{p.phase}:{s}"]]
         assert got == list(range(p.num_steps * p.blocks_per_step))
     # Checkpoints: only the last `keep` remain, each with meta.json.
     ckpts = sorted(run.glob("checkpoint-*"))

@@ -1,0 +1,72 @@
+"""Elastic training and preemption on a local multi-node Ray cluster (tests/drills.py, one process each).
+
+- elastic: node B is removed mid-run, the run continues on one worker (ZeRO-2 universal checkpoint, the data
+  cursor re-split), then node B comes back and the run grows to two workers again;
+- preempt: node B is drained with reason PREEMPTION through Ray's GCS client; the loop saves a just-in-time
+  checkpoint at the next step boundary; then the node is reclaimed and the run resumes from that checkpoint;
+- sigterm: a worker gets SIGTERM with no notice; the run resumes from the last periodic checkpoint.
+
+In every case the blocks the finished model trained on (each step's last attempt) equal a fault-free run's:
+none lost, none repeated. Run: pytest tests/test_operations.py -m slow   (about 12 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+DRILLS = Path(__file__).with_name("drills.py")
+
+
+def drill(name: str, shards: str, tmp: Path) -> dict:
+    out = tmp / name
+    proc = subprocess.run([sys.executable, str(DRILLS), name, str(out), shards], capture_output=True, text=True,
+                          timeout=1200)
+    assert (out / "result.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads((out / "result.json").read_text())
+    assert r["finished"] and r["error"] is None, (r["events"], r["error"], proc.stderr[-3000:])
+    return r
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    return drill("reference", shards, tmp_path_factory.mktemp("drills"))
+
+
+def test_elastic_shrink_and_grow(reference, shards, tmp_path):
+    r = drill("elastic", shards, tmp_path)
+    worlds = [x["world"] for x in sorted(r["records"], key=lambda x: (x["global_step"]))]
+    assert 1 in worlds and 2 in worlds
+    # Trained on 2 workers, then 1 after the node left, then 2 again after it came back.
+    seq = [w for i, w in enumerate(worlds) if i == 0 or w != worlds[i - 1]]
+    assert seq[:3] == [2, 1, 2], seq
+    assert r["blocks"] == reference["blocks"]
+
+
+def test_preemption_notice_saves_a_checkpoint_and_loses_nothing(reference, shards, tmp_path):
+    r = drill("preempt", shards, tmp_path)
+    jit = r["jit_steps"][0]
+    assert jit % 8, "the just-in-time checkpoint is off the 8-step schedule"
+    # After the reclaim the run resumed right after the just-in-time checkpoint: no step after it was lost.
+    pids_by_step: dict[int, set[int]] = {}
+    for x in r["records"]:
+        pids_by_step.setdefault(x["global_step"], set()).add(x["pid"])
+    first_new = min(x["global_step"] for x in r["records"] if x["world"] == 1)
+    assert first_new <= jit + 1
+    assert r["blocks"] == reference["blocks"]
+
+
+def test_sigterm_without_notice_loses_at_most_one_checkpoint_interval(reference, shards, tmp_path):
+    r = drill("sigterm", shards, tmp_path)
+    killed = r["killed_at_step"]
+    restarted = [x for x in r["records"] if x["rank"] == 0]
+    pids = list(dict.fromkeys(x["pid"] for x in restarted))
+    assert len(pids) >= 2, "rank 0 restarted in a new process"
+    resumed_from = min(x["global_step"] for x in restarted if x["pid"] == pids[1]) - 1
+    assert killed - resumed_from <= 8 + 2  # every_steps=8, plus the steps run before the kill landed
+    assert r["blocks"] == reference["blocks"]
