@@ -415,7 +415,19 @@ def load_config(source: str, overrides: list[str] | None = None) -> Config:
         raise ValueError(f"unknown preset {source!r} (known: {', '.join(presets.PRESETS)}; or a .yaml file)")
     # File values and command-line overrides are applied together, so that the combination is validated
     # once (a file may set K while the command line fixes tokens_per_step to match).
-    return apply_overrides(cfg, flat + list(overrides or []))
+    return absolute_paths(apply_overrides(cfg, flat + list(overrides or [])))
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Resolve relative paths against the current directory: Ray workers and Tune trials run elsewhere."""
+    fixes = []
+    for key, value in (("data.shards", cfg.data.shards), ("eval.wikitext", cfg.eval.wikitext),
+                       ("checkpoint.storage_path", cfg.checkpoint.storage_path)):
+        if value and "://" not in value and not Path(value).expanduser().is_absolute():
+            fixes.append(f"{key}={Path(value).expanduser().resolve()}")
+        elif value.startswith("~"):
+            fixes.append(f"{key}={Path(value).expanduser()}")
+    return apply_overrides(cfg, fixes) if fixes else cfg
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

@@ -119,6 +119,11 @@ def main(scenario: str, out_dir: str, shards: str) -> None:
 
             wait_for(lambda: bool(jit()), 120, "no just-in-time checkpoint after the preemption notice")
             result["jit_steps"] = jit()
+            # A reclaim comes at the notice's deadline, not at once: wait until Ray Train has registered the
+            # checkpoint (its manager snapshot names it), as it would within the deadline on a real spot node.
+            snap = run / "checkpoint_manager_snapshot.json"
+            name = f"checkpoint-{result['jit_steps'][0]:07d}"
+            wait_for(lambda: snap.exists() and name in snap.read_text(), 60, "the checkpoint was never registered")
             event(f"just-in-time checkpoint at step {result['jit_steps']}; reclaiming node B")
             cluster.remove_node(node_b)
         elif scenario == "reference":
@@ -133,7 +138,7 @@ def main(scenario: str, out_dir: str, shards: str) -> None:
         result["error"] = box.get("error")
         result["finished"] = "summary" in box
         result["blocks"] = blocks_by_step(run)
-        result["records"] = [{k: r[k] for k in ("rank", "world", "phase", "step", "global_step", "pid")}
+        result["records"] = [{k: r[k] for k in ("rank", "world", "phase", "step", "global_step", "pid", "t")}
                              for r in records(run)]
         (out / "result.json").write_text(json.dumps(result))
         ray.shutdown()

@@ -64,3 +64,11 @@ def test_yaml_with_base_preset(tmp_path):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         load_config("huge")
+
+
+def test_relative_paths_are_resolved_for_workers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    c = load_config("tiny", ["data.shards=shards", "checkpoint.storage_path=runs", "eval.wikitext=w.jsonl"])
+    assert c.data.shards == str(tmp_path / "shards") and c.checkpoint.storage_path == str(tmp_path / "runs")
+    assert c.eval.wikitext == str(tmp_path / "w.jsonl")
+    assert load_config("tiny", ["checkpoint.storage_path=s3://bucket/x"]).checkpoint.storage_path == "s3://bucket/x"
