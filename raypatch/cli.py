@@ -118,6 +118,44 @@ def tune_command(args: argparse.Namespace) -> dict[str, Path]:
     return paths
 
 
+def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
+    """Token-level loss and perplexity in one process, on a shard set's val split and/or raw documents."""
+    import math
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raypatch.checkpoint import META, export_hf
+    from raypatch.data import TokenStream, text_rows, val_rows
+    from raypatch.model import lm_loss
+
+    model_dir = Path(args.model)
+    if (model_dir / META).exists():  # a training checkpoint: consolidate it first
+        model_dir = export_hf(model_dir, Path(tempfile.mkdtemp(prefix="raypatch-eval-")) / "hf")
+    if not (model_dir / "config.json").exists():
+        raise ValueError(f"--model {args.model}: neither an HF model directory nor a raypatch checkpoint")
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    meta = json.loads((model_dir / "raypatch_meta.json").read_text()) if (model_dir / "raypatch_meta.json").exists() \
+        else {}
+    seq_len = args.seq_len or meta.get("config", {}).get("data", {}).get("seq_len") or 1024
+    sets = {}
+    if args.shards:
+        sets["val"] = val_rows(TokenStream(args.shards, "val"), seq_len, args.max_rows)
+    if args.text:
+        sets["text"] = text_rows(args.text, str(model_dir), seq_len, args.max_rows)
+    if not sets:
+        raise ValueError("evaluate: give --shards and/or --text")
+    out: dict[str, Any] = {"model": str(model_dir), "seq_len": seq_len}
+    with torch.no_grad():
+        for name, rows in sets.items():
+            losses = [float(lm_loss(model, torch.from_numpy(rows[i:i + 8]).long(), 1)) * len(rows[i:i + 8])
+                      for i in range(0, len(rows), 8)]
+            loss = sum(losses) / max(1, len(rows))
+            out[name] = {"rows": len(rows), "loss": loss, "ppl": math.exp(min(loss, 50.0))}
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raypatch", description="Patch-level training of LLMs on Ray.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -172,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--lam", default="0.5,0.667,0.8")
     pl.add_argument("--experiment", default="", help="a finished `raypatch tune` output directory")
 
+    ev = sub.add_parser("evaluate", help="token-level (K=1) loss and perplexity of an exported model or checkpoint")
+    ev.add_argument("--model", required=True, help="an HF directory from `raypatch export`, or a checkpoint directory")
+    ev.add_argument("--shards", default="", help="a shard directory: score its val split")
+    ev.add_argument("--text", default="", help="a JSONL(.gz) of documents, e.g. the WikiText-103 test docs")
+    ev.add_argument("--seq-len", type=int, default=0, help="T (default: the model's training context)")
+    ev.add_argument("--max-rows", type=int, default=256)
+
     ex = sub.add_parser("export", help="consolidate a checkpoint into a Hugging Face model directory")
     ex.add_argument("--checkpoint", required=True)
     ex.add_argument("--out", required=True)
@@ -216,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             results = read_results(args.experiment) if args.experiment else None
             print(plan_table(args.budget, args.corpus_tokens, ks=[int(x) for x in args.k.split(",")],
                              lams=[float(x) for x in args.lam.split(",")], results=results))
+        elif args.cmd == "evaluate":
+            print(json.dumps(evaluate_command(args), indent=1))
         elif args.cmd == "export":
             from raypatch.checkpoint import export_hf
 

@@ -49,7 +49,7 @@ def head(tmp_path_factory):
     from ray.job_submission import JobSubmissionClient
 
     client = None
-    for _ in range(60):
+    for _ in range(180):  # a loaded 2-core machine can take minutes to bring a head up
         try:
             client = JobSubmissionClient(address)
             client.list_jobs()

@@ -213,3 +213,15 @@ def test_print_config(capsys):
     assert main(["train", "--config", "paper-370m", "--print-config"]) == 0
     assert "hidden_size: 1024" in capsys.readouterr().out
     assert os.environ.get("RAYPATCH_KILL_AT_STEPS") is None
+
+
+def test_evaluate_command_matches_the_run(reference, shards):
+    import argparse
+
+    from raypatch.cli import evaluate_command
+
+    cfg, summary = reference
+    out = evaluate_command(argparse.Namespace(model=summary["export"], shards=shards, text="", seq_len=0,
+                                              max_rows=cfg.eval.max_rows))
+    assert out["seq_len"] == cfg.data.seq_len
+    assert out["val"]["loss"] == pytest.approx(summary["final"]["val/loss"], abs=1e-4)
