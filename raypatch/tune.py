@@ -313,16 +313,18 @@ def heatmap(rows: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    # Columns are the requested λ: the trained λ differs slightly per K after rounding to whole steps.
+    lam_of = lambda r: round(float(r.get("param:patch.lam", r["lam"])), 4) if r["K"] > 1 else 0.0  # noqa: E731
     ks = sorted({r["K"] for r in rows})
-    lams = sorted({r["lam"] for r in rows})
+    lams = sorted({lam_of(r) for r in rows})
     grid = np.full((len(ks), len(lams)), np.nan)
     for r in rows:  # the last rung wins where successive halving ran a point more than once
-        grid[ks.index(r["K"]), lams.index(r["lam"])] = r["val_loss"]
+        grid[ks.index(r["K"]), lams.index(lam_of(r))] = r["val_loss"]
     fig, ax = plt.subplots(figsize=(1.2 * len(lams) + 2.5, 0.8 * len(ks) + 2))
     im = ax.imshow(grid, cmap="viridis_r", aspect="auto")
     ax.set_xticks(range(len(lams)), [f"{x:.3g}" for x in lams])
     ax.set_yticks(range(len(ks)), [str(k) for k in ks])
-    ax.set_xlabel("λ (patch share of the data)")
+    ax.set_xlabel("λ requested (patch share of the data)")
     ax.set_ylabel("K (patch size)")
     for i, j in itertools.product(range(len(ks)), range(len(lams))):
         if not np.isnan(grid[i, j]):

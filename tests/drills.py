@@ -129,6 +129,18 @@ def main(scenario: str, out_dir: str, shards: str) -> None:
         elif scenario == "reference":
             pass
         elif scenario == "sigterm":
+            # Kill once Ray Train has registered a checkpoint (its manager snapshot names it): the claim under
+            # test is "at most the work since the last checkpoint is lost".
+            snap = run / "checkpoint_manager_snapshot.json"
+
+            def registered() -> list[int]:
+                if not snap.exists():
+                    return []
+                names = json.loads(snap.read_text()).get("checkpoint_results", [])
+                return [int(c["checkpoint_dir_name"].split("-")[1]) for c in names]
+
+            wait_for(lambda: bool(registered()), 240, "no checkpoint was registered")
+            result["registered_at_kill"] = max(registered())
             pid = next(r["pid"] for r in reversed(records(run)) if r["rank"] == 1)
             result["killed_at_step"] = max(r["global_step"] for r in records(run) if r["rank"] == 1)
             event(f"SIGTERM to rank 1 (pid {pid}) after step {result['killed_at_step']}")

