@@ -47,6 +47,33 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}"
 
 
+def loadavg() -> float:
+    """The host's 1-minute load average (processes wanting a CPU; this box has 2): how contended a run was."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+class LoadTracker:
+    """Samples the load average at marks; `summary()` says how busy the box was while a script ran."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[str, float]] = [("start", loadavg())]
+
+    def mark(self, label: str) -> float:
+        v = loadavg()
+        self.samples.append((label, v))
+        return v
+
+    def summary(self) -> str:
+        vals = [v for _, v in self.samples]
+        return (f"1-minute load average on this 2-core box during the run: {min(vals):.1f}–{max(vals):.1f} "
+                f"(samples: {', '.join(f'{lb} {v:.1f}' for lb, v in self.samples)})"
+                + ("; above ~3 the timings are contended by other processes and the ratios less trustworthy"
+                   if max(vals) > 3 else ""))
+
+
 def command_line() -> str:
     """The exact command that produced a result file, as one shell line."""
     args = [shlex.quote(a) for a in sys.argv[1:]]
@@ -54,33 +81,61 @@ def command_line() -> str:
     return " ".join(["python", script, *args])
 
 
-def start_ray(num_cpus: int = 4) -> None:
-    """One private local Ray cluster (never attaches to anyone else's); end it with ray.shutdown()."""
+def start_ray(num_cpus: int = 4) -> bool:
+    """One private local Ray cluster (never attaches to anyone else's); False when this process already has one
+    (a caller that started Ray itself, e.g. a test fixture, keeps it). End it with ray.shutdown() if True.
+
+    The dashboard gets a port chosen here, and RAY_API_SERVER_ADDRESS points every process of this cluster at it
+    (the raylet and its workers inherit the driver's environment). Without that, Ray Train V2's
+    PlacementGroupCleaner looks the controller up through the State API of whichever Ray instance it discovers
+    on the host; with another engineer's cluster running here it found the other one, did not see its
+    controller there, took it for dead and removed the run's placement group, killing a healthy run.
+    """
+    import socket
+
     import ray
 
+    if ray.is_initialized():
+        return False
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=False, logging_level="warning")
+             dashboard_port=port, log_to_driver=False, logging_level="warning")
     ray.data.DataContext.get_current().enable_progress_bars = False
+    return True
 
 
-def corpus_subset(src: Path, num_docs: int) -> Path:
-    """The first num_docs documents of src as a JSONL.gz in the cache (num_docs=0: src itself)."""
-    if not num_docs:
+def corpus_subset(src: Path, num_docs: int, *, shuffle_seed: int | None = None) -> Path:
+    """The first num_docs documents of src (0: all), or with shuffle_seed a seeded random sample of num_docs in
+    shuffled order, as a JSONL.gz in the cache; src itself when nothing is to change.
+
+    The Python docs file lists documents in path order (c-api/*, distutils/*, ... whatsnew/*), and raypatch streams
+    shards in order, so without shuffling each phase of a run would read different topics.
+    """
+    if not num_docs and shuffle_seed is None:
         return src
-    out = CACHE / f"{src.name.split('.')[0]}-first{num_docs}.jsonl.gz"
+    tag = (f"-shuffled{shuffle_seed}" if shuffle_seed is not None else "") + (f"-n{num_docs}" if num_docs else "")
+    out = CACHE / f"{src.name.split('.')[0]}{tag}.jsonl.gz"
     if not out.exists():
+        import random
+
         CACHE.mkdir(parents=True, exist_ok=True)
+        with gzip.open(src, "rt") as f:
+            docs = [json.loads(line)["text"] for line in f]
+        if shuffle_seed is not None:
+            random.Random(shuffle_seed).shuffle(docs)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        with gzip.open(src, "rt") as f, gzip.open(tmp, "wt") as g:
-            for i, line in enumerate(f):
-                if i == num_docs:
-                    break
-                g.write(json.dumps({"text": json.loads(line)["text"]}) + "\n")
+        with gzip.open(tmp, "wt") as g:
+            for text in docs[: num_docs or len(docs)]:
+                g.write(json.dumps({"text": text}) + "\n")
         os.replace(tmp, out)
     return out
 
 
-def shards(vocab_size: int, *, num_docs: int = 0, corpus: Path = PY_DOCS) -> str:
+def shards(vocab_size: int, *, num_docs: int = 0, val_every: int = 50, shuffle_seed: int | None = None,
+           corpus: Path = PY_DOCS) -> str:
     """Tokenizer (byte-level BPE of vocab_size) + Parquet shards of the Python docs, built once and cached.
 
     Needs the Ray cluster to be up (prepare tokenizes with Ray Data).
@@ -88,8 +143,8 @@ def shards(vocab_size: int, *, num_docs: int = 0, corpus: Path = PY_DOCS) -> str
     from raypatch.data import load_manifest
     from raypatch.prepare import file_sha256, prepare, train_tokenizer
 
-    src = corpus_subset(corpus, num_docs)
-    tag = f"{src.name.split('.')[0]}-v{vocab_size}"
+    src = corpus_subset(corpus, num_docs, shuffle_seed=shuffle_seed)
+    tag = f"{src.name.split('.')[0]}-v{vocab_size}" + (f"-val{val_every}" if val_every != 50 else "")
     out = CACHE / f"shards-{tag}"
     try:
         m = load_manifest(str(out))
@@ -102,7 +157,7 @@ def shards(vocab_size: int, *, num_docs: int = 0, corpus: Path = PY_DOCS) -> str
     try:
         print(f"preparing {src.name} at vocab {vocab_size} -> {out} (once; cached)", flush=True)
         tok = train_tokenizer([str(src)], str(work / "tokenizer"), vocab_size=vocab_size)
-        prepare([str(src)], tok, str(work / "shards"), progress=False, shard_tokens=1 << 20)
+        prepare([str(src)], tok, str(work / "shards"), progress=False, shard_tokens=1 << 20, val_every=val_every)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(work / "shards", out)
     finally:

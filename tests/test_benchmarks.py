@@ -1,0 +1,32 @@
+"""The paper's claims at toy scale, quick mode: every experiment of benchmarks/reproduce.py runs end to end.
+
+Run: pytest tests/test_benchmarks.py -m slow   (about 7 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def test_reproduce_quick(tmp_path):
+    script = ROOT / "benchmarks" / "reproduce.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=1800, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = list(tmp_path.glob("*.json"))
+    assert results, list(tmp_path.iterdir())
+    data = json.loads(results[0].read_text())
+    text = json.dumps(data)
+    for exp in ("E1", "E3", "E5", "E7"):
+        assert exp in text, exp
+    md = next(tmp_path.glob("*.md")).read_text()
+    assert "QUICK MODE" in md and "| token-only |" in md
+    assert list(tmp_path.glob("*.png")), "the plots"
