@@ -1,18 +1,10 @@
-"""Ray job entrypoint for a fixed-compute search over K and λ (Ray Tune, Train V2 driver pattern).
+"""Ray job entrypoint for a fixed-compute search: runs tuning/tune.py (arguments of `raypatch tune`).
 
-    ray job submit --working-dir . -- python jobs/tune.py --config demo --budget 4e5 \
-        --space patch.k=1,2,4 patch.lam=0.5,0.75 --name k-lam
-
-Arguments are those of `raypatch tune`; the library code is raypatch/tune.py. Rerunning with the same
---name continues the experiment (Tuner.restore).
+    ray job submit --working-dir . -- python jobs/tune.py --config demo --budget 4e5 --space k-lam --name klam
 """
 
-import sys
+import runpy
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from raypatch.cli import main  # noqa: E402
-
 if __name__ == "__main__":
-    sys.exit(main(["tune", *sys.argv[1:]]))
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "tuning" / "tune.py"), run_name="__main__")
