@@ -13,6 +13,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +102,17 @@ def start_ray(num_cpus: int = 4) -> bool:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, log_to_driver=False, logging_level="warning")
+    for attempt in range(3):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                     dashboard_port=port, log_to_driver=False, logging_level="warning")
+            break
+        except Exception as e:  # "node timed out during startup" when the shared box is overloaded
+            ray.shutdown()
+            if attempt == 2:
+                raise
+            print(f"ray.init failed ({str(e).splitlines()[0][:120]}); retrying in 10 s", flush=True)
+            time.sleep(10)
     ray.data.DataContext.get_current().enable_progress_bars = False
     return True
 
