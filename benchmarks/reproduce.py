@@ -511,4 +511,8 @@ def plots(plan: dict[str, dict[str, list[Run]]], curves_png: Path, gap_png: Path
 
 
 if __name__ == "__main__":
-    main()
+    res = main()
+    failed = [name for name, r in res["runs"].items() if "error" in r]
+    if failed:  # the outputs are written; the exit status tells a caller (a test) that some fit did not finish
+        print(f"{len(failed)} fit(s) failed: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)

@@ -476,27 +476,27 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
     ratios = []
     if "token" in rp and "hf" in res:
         r = rp["token"]["tokens_per_s"] / res["hf"]["tokens_per_s"]
-        ratios.append(["raypatch ÷ HF Trainer (token phase)", f"{r:.2f}", "≥ 1.0", C.verdict(r >= 1.0, "≥1.0")])
+        ratios.append(["raypatch ÷ HF Trainer (token phase)", f"{r:.3f}", "≥ 1.0", C.verdict(r >= 1.0, "≥1.0")])
     if "token" in rp:
         r = rp["token"]["tokens_per_s"] / plain_tok
-        ratios.append(["raypatch 1 worker ÷ plain loop (token phase)", f"{r:.2f}", "≥ 0.9",
+        ratios.append(["raypatch 1 worker ÷ plain loop (token phase)", f"{r:.3f}", "≥ 0.9",
                        C.verdict(r >= 0.9, "≥0.9")])
     if "patch" in rp and plain_p4:
         r = rp["patch"]["tokens_per_s"] / plain_p4
-        ratios.append(["raypatch 1 worker ÷ plain loop (patch phase K=4)", f"{r:.2f}", "≥ 0.9",
+        ratios.append(["raypatch 1 worker ÷ plain loop (patch phase K=4)", f"{r:.3f}", "≥ 0.9",
                        C.verdict(r >= 0.9, "≥0.9")])
     if "token" in rz:
         ratios.append(["diagnostic: raypatch ZeRO-1 ÷ plain loop (token phase)",
-                       f"{rz['token']['tokens_per_s'] / plain_tok:.2f}", "-", "-"])
+                       f"{rz['token']['tokens_per_s'] / plain_tok:.3f}", "-", "-"])
     if "patch" in rz and plain_p4:
         ratios.append(["diagnostic: raypatch ZeRO-1 ÷ plain loop (patch phase K=4)",
-                       f"{rz['patch']['tokens_per_s'] / plain_p4:.2f}", "-", "-"])
+                       f"{rz['patch']['tokens_per_s'] / plain_p4:.3f}", "-", "-"])
     if "hf" in res:
         ratios.append(["plain loop ÷ HF Trainer (token phase; for reference)",
-                       f"{plain_tok / res['hf']['tokens_per_s']:.2f}", "-", "-"])
+                       f"{plain_tok / res['hf']['tokens_per_s']:.3f}", "-", "-"])
     if "patch" in rp and "token" in rp:
         r = rp["patch"]["tokens_per_s"] / rp["token"]["tokens_per_s"]
-        ratios.append(["raypatch 1 worker: patch ÷ token (K=4)", f"{r:.2f}", "≥ 3.80",
+        ratios.append(["raypatch 1 worker: patch ÷ token (K=4)", f"{r:.3f}", "≥ 3.80",
                        C.verdict(r >= 3.8, "≥0.95·K")])
     lines.append(C.md_table(["ratio", "value", "target", "verdict"], ratios))
     if "raypatch" in res:

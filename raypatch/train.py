@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -277,6 +278,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         name = f"checkpoint-{state['global_step']:07d}"
         ray.train.report({**metrics, "checkpoint": name}, checkpoint=ray.train.Checkpoint.from_directory(str(d)),
                          checkpoint_dir_name=name)
+        shutil.rmtree(d, ignore_errors=True)  # the synchronous report has persisted it: free the local copy
 
     # --- the two phases -------------------------------------------------------------------------------
     # One id per (re)start of the worker group, the same on every rank: rank 0's pid. Audits of trained
