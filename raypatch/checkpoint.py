@@ -12,7 +12,11 @@ current phase already trained; the packer recomputes every worker's share from i
 
 A checkpoint is first written to a fresh local temporary directory and only then handed to
 `ray.train.report`, which uploads it and registers it once every rank has reported; a crash mid-save never
-replaces the previous registered checkpoint.
+replaces the previous registered checkpoint. Ray registers a report only when its controller next polls the
+workers, so a worker group that dies right after uploading leaves an unregistered directory behind; the
+restarted group trains those steps again and would upload into the same directory name, merging its shards
+with the stale ones (a 2-worker shard beside a 1-worker one after a shrink). `clear_stale` removes such a
+directory before every save.
 """
 
 from __future__ import annotations
@@ -96,6 +100,29 @@ def check_compatible(meta: dict[str, Any], *, config: dict[str, Any], tokenizer_
                          f"data.max_tokens or optim.tokens_per_step changed); resuming would break the data cursor")
 
 
+def clear_stale(fs: Any, path: str) -> bool:
+    """Delete an existing directory at `path` on the pyarrow filesystem `fs` (local disk or s3://); True if
+    one was there. Call it on one rank before any rank uploads the checkpoint of that name."""
+    import pyarrow.fs
+
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.Directory:
+        return False
+    fs.delete_dir(path)
+    return True
+
+
+def check_shards(ckpt_dir: str | Path, world_size: int) -> None:
+    """The ZeRO optimizer shards under ckpt_dir/ds must be exactly one per rank of the writing worker group."""
+    import re
+
+    # zero_pp_rank_<r>_mp_rank_00_optim_states.pt (bf16_zero_pp_rank_... under DeepSpeed's BF16 optimizer)
+    pat = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt")
+    ranks = sorted(int(m.group(1)) for f in (Path(ckpt_dir) / TAG).iterdir() if (m := pat.fullmatch(f.name)))
+    if ranks != list(range(world_size)):
+        raise ValueError(f"checkpoint {ckpt_dir}: meta.json says {world_size} workers wrote it, but {TAG}/ holds "
+                         f"ZeRO shards of ranks {ranks}; it is incomplete or mixed with another run's files")
+
+
 def to_universal(ckpt_dir: str | Path) -> str:
     """Convert the ZeRO shards under ckpt_dir/ds into a universal checkpoint (ckpt_dir/ds_universal) that
     loads at any data-parallel size; returns the tag to load. Idempotent."""
@@ -108,9 +135,14 @@ def to_universal(ckpt_dir: str | Path) -> str:
         # finish renames it into place and the others drop theirs.
         tmp = Path(ckpt_dir) / f".{TAG}_universal.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                        str(Path(ckpt_dir) / TAG), "--output_folder", str(tmp), "--num_extract_workers", "1",
-                        "--num_merge_workers", "1"], check=True, capture_output=True)
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(Path(ckpt_dir) / TAG), "--output_folder", str(tmp), "--num_extract_workers",
+                               "1", "--num_merge_workers", "1"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            raise RuntimeError(f"converting checkpoint {ckpt_dir} to a universal checkpoint failed "
+                               f"(deepspeed.checkpoint.ds_to_universal exit {proc.returncode}): " + " | ".join(tail))
         try:
             os.rename(tmp, out)
         except OSError:

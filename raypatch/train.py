@@ -22,6 +22,8 @@ import torch
 
 from raypatch.checkpoint import (
     check_compatible,
+    check_shards,
+    clear_stale,
     export_hf,
     find_latest,
     load_meta,
@@ -218,6 +220,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         check_compatible(meta, config=cfg.to_dict(), tokenizer_fingerprint=manifest["tokenizer"]["fingerprint"],
                          plan=plan_dicts(plans), where=str(ckpt.path))
         state = meta["state"]
+        check_shards(ckpt_dir, meta["world_size"])
         if meta["world_size"] != world:
             # ZeRO shards only load at the data-parallel size that wrote them: convert to DeepSpeed's universal
             # checkpoint, which loads at any size. The data cursor needs nothing: it counts blocks, not ranks.
@@ -276,6 +279,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 "world_size": world}
         d = save_local(engine, rank=rank, meta=meta)
         name = f"checkpoint-{state['global_step']:07d}"
+        if rank == 0:  # an unregistered upload of an earlier attempt may hold this name (checkpoint.py)
+            storage = ray.train.get_context().get_storage()
+            if clear_stale(storage.storage_filesystem, storage.build_checkpoint_path_from_name(name)):
+                say(f"removed {name} left unregistered by an earlier attempt; saving it anew")
+        dist.barrier()  # nobody uploads before the stale directory is gone
         ray.train.report({**metrics, "checkpoint": name}, checkpoint=ray.train.Checkpoint.from_directory(str(d)),
                          checkpoint_dir_name=name)
         shutil.rmtree(d, ignore_errors=True)  # the synchronous report has persisted it: free the local copy

@@ -44,6 +44,22 @@ def records(run: Path) -> list[dict]:
     return rows
 
 
+def registered(run: Path) -> list[tuple[int, int]]:
+    """(global step, writing worker count) of the checkpoints Ray Train has registered (its manager snapshot)."""
+    snap = run / "checkpoint_manager_snapshot.json"
+    try:
+        names = [c["checkpoint_dir_name"] for c in json.loads(snap.read_text()).get("checkpoint_results", [])]
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or caught mid-write
+        return []
+    out = []
+    for n in names:
+        try:
+            out.append((int(n.split("-")[1]), json.loads((run / n / "meta.json").read_text())["world_size"]))
+        except FileNotFoundError:  # deleted by retention since
+            pass
+    return out
+
+
 def wait_for(pred, timeout: float, what: str) -> None:
     t0 = time.time()
     while not pred():
@@ -68,7 +84,7 @@ def main(scenario: str, out_dir: str, shards: str) -> None:
     elastic = scenario == "elastic" or scenario == "preempt"
     cfg = apply_overrides(presets.tiny(), [
         f"data.shards={shards}", f"checkpoint.storage_path={out}", f"checkpoint.name={scenario}",
-        "data.record_blocks=true", "data.max_tokens=32768", "checkpoint.every_steps=8", "checkpoint.keep=4",
+        "data.record_blocks=true", "data.max_tokens=65536", "checkpoint.every_steps=8", "checkpoint.keep=4",
         "checkpoint.max_failures=3", "scale.worker_resources=slot=1", "scale.cpus_per_worker=0.5",
         "scale.resize_check_s=5", f"scale.min_workers={1 if elastic else 0}", "eval.max_rows=4", "log_every=8"])
     run = out / scenario
@@ -95,10 +111,16 @@ def main(scenario: str, out_dir: str, shards: str) -> None:
         if scenario != "reference":
             wait_for(lambda: steps_with(2) >= 12, 240, "two workers never trained 12 steps")
         if scenario == "elastic":
-            event("removing node B")
+            # Shrink once a 2-worker checkpoint is registered, grow once a 1-worker one is: both resizes then
+            # resume through a universal checkpoint at the other data-parallel size.
+            wait_for(lambda: any(w == 2 for _, w in registered(run)), 240, "no 2-worker checkpoint registered")
+            result["registered_before_shrink"] = registered(run)
+            event(f"removing node B (registered checkpoints {result['registered_before_shrink']})")
             cluster.remove_node(node_b)
-            wait_for(lambda: steps_with(1) >= 8, 240, "the run never continued on one worker")
-            event("one worker is training; adding node B back")
+            wait_for(lambda: steps_with(1) >= 8 and any(w == 1 for _, w in registered(run)), 240,
+                     "the run never continued on one worker and checkpointed there")
+            event(f"one worker is training (registered {registered(run)}); adding node B back")
+            result["registered_before_grow"] = registered(run)
             cluster.add_node(num_cpus=2, resources={"slot": 1})
             n2 = steps_with(2)
             wait_for(lambda: steps_with(2) > n2 + 4 or not t.is_alive(), 300, "the run never grew back to 2")
@@ -131,16 +153,8 @@ def main(scenario: str, out_dir: str, shards: str) -> None:
         elif scenario == "sigterm":
             # Kill once Ray Train has registered a checkpoint (its manager snapshot names it): the claim under
             # test is "at most the work since the last checkpoint is lost".
-            snap = run / "checkpoint_manager_snapshot.json"
-
-            def registered() -> list[int]:
-                if not snap.exists():
-                    return []
-                names = json.loads(snap.read_text()).get("checkpoint_results", [])
-                return [int(c["checkpoint_dir_name"].split("-")[1]) for c in names]
-
-            wait_for(lambda: bool(registered()), 240, "no checkpoint was registered")
-            result["registered_at_kill"] = max(registered())
+            wait_for(lambda: bool(registered(run)), 240, "no checkpoint was registered")
+            result["registered_at_kill"] = max(step for step, _ in registered(run))
             pid = next(r["pid"] for r in reversed(records(run)) if r["rank"] == 1)
             result["killed_at_step"] = max(r["global_step"] for r in records(run) if r["rank"] == 1)
             event(f"SIGTERM to rank 1 (pid {pid}) after step {result['killed_at_step']}")

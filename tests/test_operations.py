@@ -45,6 +45,14 @@ def test_elastic_shrink_and_grow(reference, shards, tmp_path):
     # Trained on 2 workers, then 1 after the node left, then 2 again after it came back.
     seq = [w for i, w in enumerate(worlds) if i == 0 or w != worlds[i - 1]]
     assert seq[:3] == [2, 1, 2], seq
+    # Each resize resumed from a checkpoint written at the other worker count (through a universal checkpoint),
+    # not from scratch: the 1-worker group started right after a registered 2-worker checkpoint, and the
+    # regrown group later than that, so from a checkpoint only the 1-worker group can have written.
+    recs = sorted(r["records"], key=lambda x: x["t"])
+    first1 = next(x for x in recs if x["world"] == 1)
+    first2 = next(x for x in recs if x["world"] == 2 and x["t"] > first1["t"])
+    assert first1["global_step"] - 1 in {s for s, w in r["registered_before_shrink"] if w == 2}
+    assert first2["global_step"] > first1["global_step"]
     assert r["blocks"] == reference["blocks"]
 
 

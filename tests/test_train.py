@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from raypatch import presets
+from raypatch.checkpoint import check_shards
 from raypatch.config import Config, apply_overrides
 from raypatch.data import TokenStream, load_manifest, plan_from_config, val_rows
 
@@ -132,8 +133,15 @@ def test_stopped_run_resumes_from_its_checkpoint(reference, shards, ray_local, t
     with pytest.raises(Exception):  # noqa: B017 - Ray's worker-death error type varies by version
         fit(cfg)
     monkeypatch.delenv("RAYPATCH_KILL_AT_STEPS")
+    # An upload the dead attempt made but Ray never registered, under a name the resumed run will save again:
+    # its stale shard must not end up mixed into the new checkpoint.
+    stale = tmp_path / "stopped" / "checkpoint-0000032" / "ds"
+    stale.mkdir(parents=True)
+    (stale / "zero_pp_rank_5_mp_rank_00_optim_states.pt").write_bytes(b"stale")
     summary = fit(cfg)
     run, ref_run = Path(summary["run_dir"]), Path(ref["run_dir"])
+    assert not (stale / "zero_pp_rank_5_mp_rank_00_optim_states.pt").exists()
+    check_shards(run / "checkpoint-0000032", 2)
     assert trained_steps(run) == trained_steps(ref_run)
     a, b = step_losses(run), step_losses(ref_run)
     assert a.keys() == b.keys()
