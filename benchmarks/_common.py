@@ -83,29 +83,18 @@ def command_line() -> str:
 
 
 def start_ray(num_cpus: int = 4) -> bool:
-    """One private local Ray cluster (never attaches to anyone else's); False when this process already has one
-    (a caller that started Ray itself, e.g. a test fixture, keeps it). End it with ray.shutdown() if True.
-
-    The dashboard gets a port chosen here, and RAY_API_SERVER_ADDRESS points every process of this cluster at it
-    (the raylet and its workers inherit the driver's environment). Without that, Ray Train V2's
-    PlacementGroupCleaner looks the controller up through the State API of whichever Ray instance it discovers
-    on the host; with another engineer's cluster running here it found the other one, did not see its
-    controller there, took it for dead and removed the run's placement group, killing a healthy run.
-    """
-    import socket
-
+    """One private local Ray cluster (raypatch.cli.start_local_ray: its own dashboard port, never attached to
+    anyone else's); False when this process already has one (a caller that started Ray itself, e.g. a test
+    fixture, keeps it). End it with ray.shutdown() if True."""
     import ray
+
+    from raypatch.cli import start_local_ray
 
     if ray.is_initialized():
         return False
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     for attempt in range(3):
         try:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                     dashboard_port=port, log_to_driver=False, logging_level="warning")
+            start_local_ray(num_cpus, log_to_driver=False)
             break
         except Exception as e:  # "node timed out during startup" when the shared box is overloaded
             ray.shutdown()

@@ -35,8 +35,29 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus or max(4, (os.cpu_count() or 2) + 2), include_dashboard=True,
-                 dashboard_host="127.0.0.1", log_to_driver=True, logging_level="warning")
+        start_local_ray(num_cpus or max(4, (os.cpu_count() or 2) + 2))
+
+
+def start_local_ray(num_cpus: int, *, log_to_driver: bool = True) -> None:
+    """Start a private local Ray cluster, its dashboard on 127.0.0.1 at a free port of its own.
+
+    RAY_API_SERVER_ADDRESS (unless already set) points this cluster's processes, which inherit the driver's
+    environment, at that dashboard. Without it, Ray Train V2's placement-group cleaner looks the Train controller
+    up through the State API of whichever Ray instance it finds on the host; with a second cluster on the same
+    machine it can ask the wrong one, take the controller for dead and remove a healthy run's placement group.
+    """
+    import socket
+
+    import ray
+
+    port = None
+    if not os.environ.get("RAY_API_SERVER_ADDRESS"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, log_to_driver=log_to_driver, logging_level="warning")
 
 
 def ensure_default_data(cfg: Config) -> Config:
@@ -53,14 +74,16 @@ def ensure_default_data(cfg: Config) -> Config:
         fresh = False
         try:
             m = load_manifest(str(out))
-            fresh = m["sources"][0]["sha256"] == file_sha256(DEFAULT_CORPUS)
+            fresh = m["sources"][0]["sha256"] == file_sha256(DEFAULT_CORPUS) and m.get("shuffle_seed") == 0
         except (ValueError, KeyError, IndexError):
             fresh = False
         if not fresh:
             print(f"preparing the embedded corpus {DEFAULT_CORPUS.name} -> {out}", flush=True)
             tok = train_tokenizer([str(DEFAULT_CORPUS)], str(out.parent / f"tokenizer-v{cfg.model.vocab_size}"),
                                   vocab_size=cfg.model.vocab_size)
-            prepare([str(DEFAULT_CORPUS)], tok, str(out), overwrite=True, val_every=20)
+            # Shuffled: the sample lists documents in path order (FAQ, HOWTOs, reference, tutorial, library a-o),
+            # so in order the patch and token phases would read different parts of the documentation.
+            prepare([str(DEFAULT_CORPUS)], tok, str(out), overwrite=True, val_every=20, shuffle_seed=0)
         overrides.append(f"data.shards={out}")
     return apply_overrides(cfg, overrides) if overrides else cfg
 
@@ -177,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--text-field", default="text")
     pr.add_argument("--val-every", type=int, default=50, help="every Nth document goes to the val split (0: none)")
     pr.add_argument("--shard-tokens", type=int, default=1 << 24)
+    pr.add_argument("--shuffle-seed", type=int, default=None, metavar="SEED",
+                    help="write the train documents in a seeded random order (for corpora sorted by source or "
+                         "topic: training streams the shards in order); memory about train size / 64")
     pr.add_argument("--overwrite", action="store_true")
 
     tr = sub.add_parser("train", help="train (patch phase, then token phase) with Ray Train + DeepSpeed")
@@ -241,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                                 text_field=args.text_field)
             init_ray()
             m = prepare(args.input, args.tokenizer, args.out, text_field=args.text_field, val_every=args.val_every,
-                        shard_tokens=args.shard_tokens, overwrite=args.overwrite)
+                        shard_tokens=args.shard_tokens, overwrite=args.overwrite, shuffle_seed=args.shuffle_seed)
             print(json.dumps({k: {"rows": v["rows"], "tokens": v["tokens"], "shards": len(v["shards"])}
                               for k, v in m["splits"].items()}))
         elif args.cmd == "train":

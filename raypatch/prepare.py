@@ -297,13 +297,56 @@ class ShardWriter:
                 "tokens": sum(s["tokens"] for s in self.shards)}
 
 
+class DocShuffler:
+    """A seeded shuffle of documents in two passes with bounded memory (the classic bucket shuffle).
+
+    Pass 1 (`add`) sends every document to one of `buckets` spill files under `tmp_dir`, drawn at random;
+    pass 2 (`drain`) loads one bucket at a time, permutes it and yields its documents. Random buckets then a
+    random order within each give a uniformly random permutation; memory holds one bucket, about the split's
+    size / buckets. The same seed and input order give the same output.
+    """
+
+    def __init__(self, tmp_dir: Path, seed: int, buckets: int = 64) -> None:
+        self.dir, self.seed, self.buckets = tmp_dir, seed, buckets
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._rng = np.random.default_rng(seed)
+        self._ids = [open(self.dir / f"b{b:04d}.ids", "wb") for b in range(buckets)]  # noqa: SIM115
+        self._lens = [open(self.dir / f"b{b:04d}.len", "wb") for b in range(buckets)]  # noqa: SIM115
+
+    def add(self, ids: np.ndarray) -> None:
+        b = int(self._rng.integers(self.buckets))
+        self._ids[b].write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
+        self._lens[b].write(np.int64(len(ids)).tobytes())
+
+    def drain(self) -> Iterator[np.ndarray]:
+        for f in self._ids + self._lens:
+            f.close()
+        for b in range(self.buckets):
+            ids = np.fromfile(self.dir / f"b{b:04d}.ids", dtype=np.int32)
+            lens = np.fromfile(self.dir / f"b{b:04d}.len", dtype=np.int64)
+            offs = np.concatenate([[0], np.cumsum(lens)])
+            for i in np.random.default_rng([self.seed, b]).permutation(len(lens)):
+                yield ids[offs[i]:offs[i + 1]]
+            (self.dir / f"b{b:04d}.ids").unlink()
+            (self.dir / f"b{b:04d}.len").unlink()
+
+    def close(self) -> None:
+        for f in self._ids + self._lens:
+            f.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def prepare(inputs: list[str], tokenizer: str, out_dir: str, *, text_field: str = "text", val_every: int = 50,
             shard_tokens: int = 1 << 24, row_group_tokens: int = 1 << 16, batch_size: int = 32,
-            num_tokenizers: int = 0, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+            num_tokenizers: int = 0, overwrite: bool = False, progress: bool = True,
+            shuffle_seed: int | None = None) -> dict[str, Any]:
     """Tokenize `inputs` into Parquet shards under `out_dir` and write its manifest.json.
 
-    Every `val_every`-th document (0 = none) goes to the held-out `val` split, the rest to `train`.
-    Needs a running Ray cluster (or starts a local one through ray.data).
+    Every `val_every`-th document (0 = none) goes to the held-out `val` split, the rest to `train`, chosen by
+    input position. With `shuffle_seed`, the train documents are written in a seeded random order
+    (`DocShuffler`): raypatch streams shards in order, so a corpus sorted by source or topic would otherwise
+    give the patch phase and the token phase different kinds of text. Needs a running Ray cluster (or starts a
+    local one through ray.data).
     """
     import ray
     from tqdm import tqdm
@@ -342,6 +385,7 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, *, text_field: str 
 
     writers = {"train": ShardWriter(out, "train", shard_tokens, row_group_tokens),
                "val": ShardWriter(out, "val", shard_tokens, row_group_tokens)}
+    shuffler = DocShuffler(out / ".shuffle.tmp", shuffle_seed) if shuffle_seed is not None else None
     n_docs = n_tokens = 0
     bar = tqdm(desc="prepare", unit=" docs", disable=not progress)
     try:
@@ -350,16 +394,26 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, *, text_field: str 
             values = col.values.to_numpy()
             offs = col.offsets.to_numpy()
             for i in range(len(col)):
-                split = "val" if val_every and n_docs % val_every == val_every - 1 else "train"
-                writers[split].add(values[offs[i]:offs[i + 1]])
+                doc = values[offs[i]:offs[i + 1]]
+                if val_every and n_docs % val_every == val_every - 1:
+                    writers["val"].add(doc)
+                elif shuffler is not None:
+                    shuffler.add(doc)
+                else:
+                    writers["train"].add(doc)
                 n_docs += 1
             n_tokens += int(offs[-1] - offs[0])
             bar.update(len(col))
             bar.set_postfix(tokens=f"{n_tokens:,}")
+        if shuffler is not None:
+            for doc in shuffler.drain():
+                writers["train"].add(doc)
     except BaseException as e:
         # Remove what this run wrote (only its own shard names), so a failed prepare leaves no half set.
         for w in writers.values():
             w.abort()
+        if shuffler is not None:
+            shuffler.close()
         # Ray wraps errors raised in tasks; surface ours as the one-line message it is.
         cause = _find_input_error(e) if isinstance(e, Exception) else None
         if cause is not None:
@@ -367,13 +421,15 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, *, text_field: str 
         raise
     finally:
         bar.close()
+    if shuffler is not None:
+        shuffler.close()
     splits = {name: w.close() for name, w in writers.items()}
     if splits["train"]["tokens"] == 0:
         for w in writers.values():
             w.abort()
         raise InputError(f"input {', '.join(inputs)}: the corpus is empty (no non-empty documents)")
     manifest = {"format": FORMAT, "tokenizer": tok, "text_field": text_field, "val_every": val_every,
-                "documents": n_docs, "sources": sources, "splits": splits}
+                "shuffle_seed": shuffle_seed, "documents": n_docs, "sources": sources, "splits": splits}
     tmp = out / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST)

@@ -47,8 +47,9 @@ def ray_local():
     """One local Ray cluster for the session: 4 logical CPUs so Train workers leave room for Ray Data."""
     import ray
 
-    ray.init(address="local", num_cpus=4, log_to_driver=False, include_dashboard=True,
-             dashboard_host="127.0.0.1", logging_level="warning")
+    from raypatch.cli import start_local_ray
+
+    start_local_ray(4, log_to_driver=False)  # its own dashboard port: safe beside other clusters on the host
     yield ray
     ray.shutdown()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -78,7 +79,15 @@ def main(scenario: str, out_dir: str, shards: str) -> None:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "resources": {"slot": 1}})
+    # This cluster's own dashboard for Train V2's placement-group cleaner (raypatch.cli.start_local_ray says why),
+    # not whatever a parent process (a pytest session with its own cluster) left in the environment.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dash = sock.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dash}"
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 3, "resources": {"slot": 1}, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+        "dashboard_port": dash})
     node_b = cluster.add_node(num_cpus=2, resources={"slot": 1})
     ray.init(address=cluster.address, log_to_driver=False)
     elastic = scenario == "elastic" or scenario == "preempt"
