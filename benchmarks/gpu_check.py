@@ -131,8 +131,8 @@ def throughput(cfg: Any, device: Any, args: argparse.Namespace, peak: float) -> 
     import deepspeed
     import torch
 
-    from raypatch.metrics import flops_per_position
     from raypatch.model import build_model, num_params
+    from raypatch.patching import flops_per_position
 
     PatchLM, deepspeed_config, param_groups, source = trainer_parts()
     k, t, mb = args.k, cfg.data.seq_len, args.micro_batch

@@ -19,14 +19,6 @@ logger = logging.getLogger("raypatch")
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12, "L40S": 362e12}
 
 
-def flops_per_position(*, num_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
-    """Training FLOPs per model position: 6·N for the matmuls plus 6·L·T·d for attention scores.
-
-    The patch phase attends over T patches, so the attention term is the same as in the token phase.
-    """
-    return 6.0 * num_params + 6.0 * num_layers * seq_len * hidden_size
-
-
 def peak_flops(device: Any = None) -> float:
     """Peak FLOP/s of one worker's device: a table for known GPUs, else a measured fp32 matmul rate on CPU.
 

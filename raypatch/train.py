@@ -43,9 +43,9 @@ from raypatch.data import (
     val_rows,
     worker_dataset,
 )
-from raypatch.metrics import MetricsWriter, flops_per_position, log_line, peak_flops, plot_runs
+from raypatch.metrics import MetricsWriter, log_line, peak_flops, plot_runs
 from raypatch.model import build_model, check_token_ids, lm_loss, num_params
-from raypatch.patching import relative_cost
+from raypatch.patching import flops_per_position, relative_cost
 from raypatch.schedule import lr_at
 
 

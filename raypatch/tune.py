@@ -365,8 +365,8 @@ def model_flops_per_position(cfg: Config) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from raypatch.metrics import flops_per_position
     from raypatch.model import hf_config
+    from raypatch.patching import flops_per_position
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config(cfg.model))
