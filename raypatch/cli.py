@@ -45,6 +45,8 @@ def start_local_ray(num_cpus: int, *, log_to_driver: bool = True) -> None:
     environment, at that dashboard. Without it, Ray Train V2's placement-group cleaner looks the Train controller
     up through the State API of whichever Ray instance it finds on the host; with a second cluster on the same
     machine it can ask the wrong one, take the controller for dead and remove a healthy run's placement group.
+    The variable also overrides the address of any JobSubmissionClient or State API call made from this
+    process, which then reach this cluster.
     """
     import socket
 

@@ -47,8 +47,10 @@ def head(tmp_path_factory):
          f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}", f"--temp-dir={tmp}"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dash}"
-    old = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    # RAY_API_SERVER_ADDRESS overrides the address given to JobSubmissionClient, so it must name this head while
+    # the test talks to it (the session's local cluster set it to its own dashboard).
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_API_SERVER_ADDRESS")}
+    os.environ.update(RAY_AUTH_MODE="disabled", RAY_API_SERVER_ADDRESS=address)
     from ray.job_submission import JobSubmissionClient
 
     client = None
@@ -67,10 +69,11 @@ def head(tmp_path_factory):
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-    if old is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = old
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _wait(client, job_id: str, states: set[str], timeout: float = 400) -> str:
