@@ -157,8 +157,6 @@ def main(scenario: str, out_dir: str, shards: str) -> None:
             wait_for(lambda: snap.exists() and name in snap.read_text(), 60, "the checkpoint was never registered")
             event(f"just-in-time checkpoint at step {result['jit_steps']}; reclaiming node B")
             cluster.remove_node(node_b)
-        elif scenario == "reference":
-            pass
         elif scenario == "sigterm":
             # Kill once Ray Train has registered a checkpoint (its manager snapshot names it): the claim under
             # test is "at most the work since the last checkpoint is lost".
@@ -186,4 +184,6 @@ if __name__ == "__main__":
     # Give up on a worker group that cannot start within 15 s (default 60), so a shrink happens quickly.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if sys.argv[1] not in ("reference", "elastic", "preempt", "sigterm"):
+        sys.exit(f"drills.py: unknown scenario {sys.argv[1]!r} (reference, elastic, preempt or sigterm)")
     main(*sys.argv[1:4])
