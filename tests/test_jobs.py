@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import ROOT
+from .drills import registered
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -114,11 +115,13 @@ def test_submit_stop_and_resubmit(head, shards, tmp_path):
     assert (run / "hf" / "model.safetensors").exists() and (run / "summary.json").exists()
     assert "| patch K=2" in client.get_job_logs(job)
 
-    # A longer job: stop it once it has written a checkpoint, then resubmit the same run name.
+    # A longer job: stop it once Ray Train has registered a checkpoint, then resubmit the same run name. An
+    # upload Ray has not registered yet (it registers on its controller's next poll) does not count: a stop
+    # in that window resumes from the previous registered checkpoint, or from scratch if there is none.
     long = f"{common} checkpoint.name=job2 data.max_tokens=0 checkpoint.every_steps=2"
     job2 = _submit(client, long)
     t0 = time.time()
-    while not list((tmp_path / "job2").glob("checkpoint-*/meta.json")):
+    while not (stopped_at := registered(tmp_path / "job2")):
         assert time.time() - t0 < 300, client.get_job_logs(job2)[-3000:]
         assert client.get_job_status(job2).value in ("PENDING", "RUNNING"), client.get_job_logs(job2)[-3000:]
         time.sleep(1)
@@ -135,4 +138,7 @@ def test_submit_stop_and_resubmit(head, shards, tmp_path):
         time.sleep(2)
     assert client.stop_job(job3)
     assert _wait(client, job3, {"STOPPED"}, timeout=120) == "STOPPED"
+    # It resumed from a checkpoint Ray had registered when job2 was stopped (or a later one job2 reached).
+    resumed = int(logs.split("resumed from")[1].split("checkpoint-")[1][:7])
+    assert resumed >= max(step for step, _ in stopped_at), (resumed, stopped_at)
     assert Path(tmp_path / "job2").is_dir()
