@@ -22,12 +22,26 @@ directory before every save.
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from raypatch.safety import (
+    InputError,
+    building,
+    check_not_overlapping,
+    check_replaceable,
+    files_under,
+    replace_dir,
+    restricted_torch_load,
+    unpickle_error,
+)
 
 META = "meta.json"
 TAG = "ds"
@@ -44,15 +58,24 @@ def model_signature(model_cfg: dict[str, Any]) -> dict[str, Any]:
 def upgrade_meta(meta: dict[str, Any]) -> dict[str, Any]:
     """Bring meta.json written by older versions to the current layout (none yet: version 1)."""
     if meta.get("version", 1) > VERSION:
-        raise ValueError(f"checkpoint meta version {meta['version']} is newer than this raypatch ({VERSION})")
+        raise InputError(f"checkpoint meta version {meta['version']} is newer than this raypatch ({VERSION})")
     return meta
 
 
 def load_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     p = Path(ckpt_dir) / META
+    if not Path(ckpt_dir).is_dir():
+        raise InputError(f"checkpoint {ckpt_dir}: no such directory")
     if not p.exists():
-        raise ValueError(f"checkpoint {ckpt_dir}: no {META} (not a raypatch checkpoint, or an incomplete one)")
-    return upgrade_meta(json.loads(p.read_text()))
+        raise InputError(f"checkpoint {ckpt_dir}: no {META} (not a raypatch checkpoint, or an incomplete one)")
+    try:
+        meta = json.loads(p.read_text())
+        for key in ("state", "config", "plan", "tokenizer_fingerprint", "world_size"):
+            meta[key]  # noqa: B018 - every reader needs these
+        meta["state"]["global_step"]  # noqa: B018
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"checkpoint {ckpt_dir}: {META} is damaged or incomplete ({type(e).__name__}: {e})") from None
+    return upgrade_meta(meta)
 
 
 def save_local(engine: Any, *, rank: int, meta: dict[str, Any]) -> Path:
@@ -84,19 +107,25 @@ def restore_rng(ckpt_dir: str | Path, rank: int) -> None:
 
 
 def check_compatible(meta: dict[str, Any], *, config: dict[str, Any], tokenizer_fingerprint: str,
-                     plan: list[dict[str, Any]], where: str) -> None:
-    """Refuse to resume from a checkpoint made with another model shape, tokenizer or data plan."""
+                     plan: list[dict[str, Any]], shards: str, where: str) -> None:
+    """Refuse to resume from a checkpoint made with another model shape, tokenizer, shard set or data plan."""
     old, new = model_signature(meta["config"]["model"]), model_signature(config["model"])
     diff = [f"model.{k}: {old[k]} -> {new[k]}" for k in old if old[k] != new[k]]
     if diff:
-        raise ValueError(f"checkpoint {where} was made with another model shape ({'; '.join(diff)}); "
+        raise InputError(f"checkpoint {where} was made with another model shape ({'; '.join(diff)}); "
                          f"use a new checkpoint.name to start a new run")
     if meta["tokenizer_fingerprint"] != tokenizer_fingerprint:
-        raise ValueError(f"checkpoint {where} was made with another tokenizer (fingerprint "
+        raise InputError(f"checkpoint {where} was made with another tokenizer (fingerprint "
                          f"{meta['tokenizer_fingerprint'][:12]} != {tokenizer_fingerprint[:12]}); "
                          f"use a new checkpoint.name to start a new run")
+    old_shards = meta.get("shards_id")
+    if old_shards is not None and old_shards != shards:
+        raise InputError(f"checkpoint {where} was made on another shard set (data.shards="
+                         f"{meta['config']['data']['shards']}, content {old_shards[:12]}) than data.shards="
+                         f"{config['data']['shards']} (content {shards[:12]}); its data cursor would point into a "
+                         f"different stream: use the original shards, or a new checkpoint.name to start a new run")
     if meta["plan"] != plan:
-        raise ValueError(f"checkpoint {where} was made with another data plan (patch.k, patch.lam, data.seq_len, "
+        raise InputError(f"checkpoint {where} was made with another data plan (patch.k, patch.lam, data.seq_len, "
                          f"data.max_tokens or optim.tokens_per_step changed); resuming would break the data cursor")
 
 
@@ -117,9 +146,12 @@ def check_shards(ckpt_dir: str | Path, world_size: int) -> None:
 
     # zero_pp_rank_<r>_mp_rank_00_optim_states.pt (bf16_zero_pp_rank_... under DeepSpeed's BF16 optimizer)
     pat = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt")
-    ranks = sorted(int(m.group(1)) for f in (Path(ckpt_dir) / TAG).iterdir() if (m := pat.fullmatch(f.name)))
+    ds = Path(ckpt_dir) / TAG
+    if not ds.is_dir():
+        raise InputError(f"checkpoint {ckpt_dir}: no {TAG}/ directory with DeepSpeed states (an incomplete copy?)")
+    ranks = sorted(int(m.group(1)) for f in ds.iterdir() if (m := pat.fullmatch(f.name)))
     if ranks != list(range(world_size)):
-        raise ValueError(f"checkpoint {ckpt_dir}: meta.json says {world_size} workers wrote it, but {TAG}/ holds "
+        raise InputError(f"checkpoint {ckpt_dir}: meta.json says {world_size} workers wrote it, but {TAG}/ holds "
                          f"ZeRO shards of ranks {ranks}; it is incomplete or mixed with another run's files")
 
 
@@ -135,11 +167,19 @@ def to_universal(ckpt_dir: str | Path) -> str:
         # finish renames it into place and the others drop theirs.
         tmp = Path(ckpt_dir) / f".{TAG}_universal.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                               str(Path(ckpt_dir) / TAG), "--output_folder", str(tmp), "--num_extract_workers",
-                               "1", "--num_merge_workers", "1"], capture_output=True, text=True)
+        # The converter unpickles every shard: run it under the same restricted loader as every other load
+        # (TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides its weights_only=False; the allow-list is registered first).
+        code = ("import runpy, sys, torch\nfrom raypatch.safety import _safe_globals\n"
+                "torch.serialization.add_safe_globals(_safe_globals())\nsys.argv[0] = 'ds_to_universal'\n"
+                "runpy.run_module('deepspeed.checkpoint.ds_to_universal', run_name='__main__', alter_sys=True)\n")
+        proc = subprocess.run([sys.executable, "-c", code, "--input_folder", str(Path(ckpt_dir) / TAG),
+                               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                              capture_output=True, text=True, env={**os.environ, "TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"})
         if proc.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
+            if "Unsupported global" in proc.stderr or "is blocked" in proc.stderr:
+                raise InputError(f"checkpoint {ckpt_dir}: a file holds objects outside the tensor allow-list, "
+                                 f"refusing to convert it (loading could run code)")
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
             raise RuntimeError(f"converting checkpoint {ckpt_dir} to a universal checkpoint failed "
                                f"(deepspeed.checkpoint.ds_to_universal exit {proc.returncode}): " + " | ".join(tail))
@@ -158,17 +198,66 @@ def find_latest(run_dir: str | Path) -> Path | None:
     for d in Path(run_dir).glob("checkpoint-*"):
         m = d / META
         if m.exists():
-            step = json.loads(m.read_text())["state"]["global_step"]
+            try:
+                step = json.loads(m.read_text())["state"]["global_step"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise InputError(f"checkpoint {d}: {META} is damaged ({type(e).__name__}: {e}); move the "
+                                 f"directory away to resume from the one before") from None
             if step > best_step:
                 best, best_step = d, step
     return best
 
 
-def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str | None = None) -> Path:
+def scan_checkpoint(ckpt_dir: str | Path) -> None:
+    """Unpickle every DeepSpeed file of a checkpoint with the restricted loader, without reading tensor data
+    (mmap): a crafted file is refused here, before DeepSpeed or a worker sees it."""
+    import torch
+
+    d = Path(ckpt_dir)
+    for f in sorted(d.rglob("*.pt")):
+        try:
+            with restricted_torch_load():
+                torch.load(f, map_location="cpu", mmap=True)
+        except pickle.UnpicklingError as e:
+            raise unpickle_error(e, f"{ckpt_dir} ({f.relative_to(d)})") from None
+        except (RuntimeError, OSError, EOFError) as e:
+            raise InputError(f"checkpoint {ckpt_dir}: {f.relative_to(d)} cannot be read ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); the checkpoint is damaged") from None
+
+
+def check_checkpoint(ckpt_dir: str | Path) -> dict[str, Any]:
+    """Everything that can be checked of a checkpoint before training or export: meta.json, one ZeRO shard
+    per writing rank, and every file's pickle against the allow-list. Returns the meta."""
+    meta = load_meta(ckpt_dir)
+    check_shards(ckpt_dir, meta["world_size"])
+    scan_checkpoint(ckpt_dir)
+    return meta
+
+
+def export_files(d: Path) -> set[str]:
+    """The files of an export that raypatch wrote: listed in its raypatch_meta.json (exports before that
+    list existed: the files an HF export has)."""
+    import re
+
+    try:
+        meta = json.loads((d / "raypatch_meta.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    if isinstance(meta, dict) and isinstance(meta.get("files"), list):
+        return {*map(str, meta["files"]), "raypatch_meta.json"}
+    hf = re.compile(r"config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors"
+                    r"|model\.safetensors\.index\.json|tokenizer[^/]*|special_tokens_map\.json|chat_template[^/]*")
+    return {f.name for f in d.iterdir() if f.is_file() and hf.fullmatch(f.name)} | {"raypatch_meta.json"}
+
+
+def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str | None = None,
+              overwrite: bool = False) -> Path:
     """Consolidate the ZeRO shards (any stage, any worker count) into an HF model directory (safetensors).
 
-    The directory is built next to `out_dir` and renamed into place, so an interrupted export never leaves
-    a half-written model under `out_dir`.
+    The directory is built in a temporary sibling of `out_dir` and renamed into place, so an interrupted
+    export never leaves a half-written model. `out_dir` may not be, hold or lie inside the checkpoint or its
+    run directory; an existing `out_dir` is replaced only with `overwrite`, and only when it is an earlier
+    export (everything in it listed in its raypatch_meta.json).
     """
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -176,33 +265,41 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str |
     from raypatch.config import Config
     from raypatch.model import build_model
 
-    meta = load_meta(ckpt_dir)
-    cfg = Config.from_dict(meta["config"])
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=TAG)
+    ckpt = Path(ckpt_dir).expanduser().resolve()
+    # Also refuses the run directory and any folder above it: they contain the checkpoint.
+    check_not_overlapping(out_dir, [("checkpoint", ckpt)], "--out")
+    check_replaceable(out_dir, overwrite=overwrite, owned=export_files, what="an export")
+    meta = check_checkpoint(ckpt)
+    try:
+        cfg = Config.from_dict(meta["config"])
+    except ValueError as e:
+        raise InputError(f"checkpoint {ckpt_dir}: {META} holds an invalid config ({e})") from None
+    try:
+        # zero_to_fp32 prints its progress to stdout, which is evaluate's JSON output: keep it off the terminal.
+        with restricted_torch_load(), contextlib.redirect_stdout(io.StringIO()):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG)
+    except pickle.UnpicklingError as e:
+        raise unpickle_error(e, str(ckpt_dir)) from None
     state = {k.removeprefix("hf."): v for k, v in state.items()}
     model = build_model(cfg.model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight", "embed_out.weight"} if cfg.model.tie_embeddings else set()
     if unexpected or set(missing) - tied:
-        raise ValueError(f"checkpoint {ckpt_dir}: weights do not match model ({missing=}, {unexpected=})")
+        raise InputError(f"checkpoint {ckpt_dir}: weights do not match model ({missing=}, {unexpected=})")
     model.config.use_cache = True
-    out = Path(out_dir)
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tok_dir = tokenizer_dir or meta.get("tokenizer_dir")
-    if tok_dir and Path(tok_dir).is_dir():
-        from transformers import AutoTokenizer
+    with building(out_dir) as tmp:
+        tok_dir = tokenizer_dir or meta.get("tokenizer_dir")
+        if tok_dir and Path(tok_dir).is_dir():
+            from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-        tok.save_pretrained(tmp)
-        for attr in ("eos_token_id", "bos_token_id", "pad_token_id"):
-            setattr(model.config, attr, getattr(tok, attr))
-            if model.generation_config is not None:
-                setattr(model.generation_config, attr, getattr(tok, attr))
-    model.to(torch.float32).save_pretrained(tmp, safe_serialization=True)
-    (tmp / "raypatch_meta.json").write_text(json.dumps({"state": meta["state"], "config": meta["config"]}, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+            tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+            tok.save_pretrained(tmp)
+            for attr in ("eos_token_id", "bos_token_id", "pad_token_id"):
+                setattr(model.config, attr, getattr(tok, attr))
+                if model.generation_config is not None:
+                    setattr(model.generation_config, attr, getattr(tok, attr))
+        model.to(torch.float32).save_pretrained(tmp, safe_serialization=True)
+        files = [*files_under(tmp), "raypatch_meta.json"]
+        (tmp / "raypatch_meta.json").write_text(json.dumps({"state": meta["state"], "config": meta["config"],
+                                                            "files": files}, indent=1))
+    return replace_dir(tmp, out_dir)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from raypatch.config import Config, load_config
+from raypatch.safety import InputError, check_name
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
 DEFAULT_CORPUS = CORPUS_DIR / "python-docs-sample.jsonl.gz"
@@ -50,8 +51,16 @@ def start_local_ray(num_cpus: int, *, log_to_driver: bool = True) -> None:
     """
     import socket
 
+    # Every port of a private cluster on loopback: with ENABLE_RAY_CLUSTER off (Ray's own single-machine mode,
+    # the default on macOS and Windows) the node IP is 127.0.0.1 and the GCS, raylet, workers, dashboard agent,
+    # runtime-env agent and metrics servers all bind to it (measured: 14 sockets on all interfaces before,
+    # none after). `_node_ip_address="127.0.0.1"` does not do it: Ray swaps a localhost value for the host's IP.
+    # Ray reads the variable at import; the constant covers a process that imported ray already.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
+    from ray._private import ray_constants
 
+    ray_constants.ENABLE_RAY_CLUSTER = False
     port = None
     if not os.environ.get("RAY_API_SERVER_ADDRESS"):
         with socket.socket() as sock:
@@ -82,7 +91,7 @@ def ensure_default_data(cfg: Config) -> Config:
         if not fresh:
             print(f"preparing the embedded corpus {DEFAULT_CORPUS.name} -> {out}", flush=True)
             tok = train_tokenizer([str(DEFAULT_CORPUS)], str(out.parent / f"tokenizer-v{cfg.model.vocab_size}"),
-                                  vocab_size=cfg.model.vocab_size)
+                                  vocab_size=cfg.model.vocab_size, overwrite=True)
             # Shuffled: the sample lists documents in path order (FAQ, HOWTOs, reference, tutorial, library a-o),
             # so in order the patch and token phases would read different parts of the documentation.
             prepare([str(DEFAULT_CORPUS)], tok, str(out), overwrite=True, val_every=20, shuffle_seed=0)
@@ -123,6 +132,11 @@ def tune_command(args: argparse.Namespace) -> dict[str, Path]:
 
     from raypatch import tune
 
+    check_name(args.name, "--name")
+    if not args.budget > 0:
+        raise InputError(f"--budget {args.budget:g}: must be > 0")
+    if args.rungs < 1 or args.eta < 2 or args.num_samples < 1 or args.concurrency < 0:
+        raise InputError("--rungs must be >= 1, --eta >= 2, --num-samples >= 1 and --concurrency >= 0")
     base = ensure_default_data(load_config(args.config, args.set))
     space = tune.parse_space(args.space)
     fpp = tune.model_flops_per_position(base) if args.flops else None
@@ -145,22 +159,39 @@ def tune_command(args: argparse.Namespace) -> dict[str, Path]:
 
 def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
     """Token-level loss and perplexity in one process, on a shard set's val split and/or raw documents."""
-    import math
     import tempfile
+
+    from raypatch.checkpoint import META, export_hf
+
+    if args.max_rows < 1 or args.seq_len < 0:
+        raise InputError(f"--max-rows must be >= 1 and --seq-len >= 0 (got {args.max_rows}, {args.seq_len})")
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise InputError(f"--model {args.model}: no such directory")
+    if (model_dir / META).exists():  # a training checkpoint: consolidate it into a temporary export
+        with tempfile.TemporaryDirectory(prefix="raypatch-eval-") as tmp:
+            return evaluate_model(export_hf(model_dir, Path(tmp) / "hf"), args)
+    return evaluate_model(model_dir, args)
+
+
+def evaluate_model(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import math
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from raypatch.checkpoint import META, export_hf
     from raypatch.data import TokenStream, text_rows, val_rows
     from raypatch.model import lm_loss
 
-    model_dir = Path(args.model)
-    if (model_dir / META).exists():  # a training checkpoint: consolidate it first
-        model_dir = export_hf(model_dir, Path(tempfile.mkdtemp(prefix="raypatch-eval-")) / "hf")
     if not (model_dir / "config.json").exists():
-        raise ValueError(f"--model {args.model}: neither an HF model directory nor a raypatch checkpoint")
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        raise InputError(f"--model {args.model}: neither an HF model directory nor a raypatch checkpoint")
+    if not any(model_dir.glob("*.safetensors")):
+        raise InputError(f"--model {args.model}: no .safetensors weights (raypatch loads no pickled weights)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, local_files_only=True).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"--model {args.model}: cannot be loaded ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
     meta = json.loads((model_dir / "raypatch_meta.json").read_text()) if (model_dir / "raypatch_meta.json").exists() \
         else {}
     seq_len = args.seq_len or meta.get("config", {}).get("data", {}).get("seq_len") or 1024
@@ -170,7 +201,7 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
     if args.text:
         sets["text"] = text_rows(args.text, str(model_dir), seq_len, args.max_rows)
     if not sets:
-        raise ValueError("evaluate: give --shards and/or --text")
+        raise InputError("evaluate: give --shards and/or --text")
     out: dict[str, Any] = {"model": str(model_dir), "seq_len": seq_len}
     with torch.no_grad():
         for name, rows in sets.items():
@@ -192,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--out", required=True)
     tt.add_argument("--vocab-size", type=int, default=8192)
     tt.add_argument("--text-field", default="text")
+    tt.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer directory at --out")
 
     pr = sub.add_parser("prepare", help="tokenize raw text into Parquet shards with Ray Data")
     pr.add_argument("--input", nargs="+", required=True, help="files or globs (.jsonl/.txt/.parquet, .gz ok)")
@@ -247,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="consolidate a checkpoint into a Hugging Face model directory")
     ex.add_argument("--checkpoint", required=True)
-    ex.add_argument("--out", required=True)
+    ex.add_argument("--out", required=True, help="a new directory (never inside the checkpoint or its run)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     return p
 
 
@@ -255,50 +288,94 @@ def main(argv: list[str] | None = None) -> int:
     quiet_env()
     args = build_parser().parse_args(argv)
     try:
-        if args.cmd == "tokenizer":
+        run_command(args)
+    except KeyboardInterrupt:
+        print("raypatch: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns every error into one line
+        return report_error(e)
+    return 0
+
+
+def report_error(e: BaseException) -> int:
+    """Bad input (ValueError, also behind Ray's wrappers; OSError on a user's path): one line, exit 2.
+    Anything else is a bug: one line naming a log file that holds the traceback, exit 1."""
+    import traceback
+
+    from raypatch.safety import find_input_error, one_line
+
+    cause = find_input_error(e) if isinstance(e, Exception) else None
+    if cause is None and isinstance(e, ValueError) and not type(e).__module__.startswith("ray"):
+        cause = e
+    if cause is not None:
+        print(f"raypatch: error: {one_line(str(cause))}", file=sys.stderr)
+        return 2
+    if isinstance(e, OSError) and e.filename:
+        print(f"raypatch: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    log = Path("~/.cache/raypatch").expanduser() / f"error-{os.getpid()}.log"
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(traceback.format_exception(e)))
+        where = f" (traceback in {log})"
+    except OSError:
+        where = ""
+    print(f"raypatch: error: internal error {type(e).__name__}: {one_line(str(e))[:300]}{where}", file=sys.stderr)
+    return 1
+
+
+def run_command(args: argparse.Namespace) -> None:
+    if args.cmd == "tokenizer":
+        from raypatch.prepare import train_tokenizer
+
+        print(train_tokenizer(args.input, args.out, vocab_size=args.vocab_size, text_field=args.text_field,
+                              overwrite=args.overwrite))
+    elif args.cmd == "prepare":
+        from raypatch.prepare import prepare
+
+        if args.train_tokenizer and not Path(args.tokenizer).exists():
             from raypatch.prepare import train_tokenizer
 
-            print(train_tokenizer(args.input, args.out, vocab_size=args.vocab_size, text_field=args.text_field))
-        elif args.cmd == "prepare":
-            from raypatch.prepare import prepare
+            train_tokenizer(args.input, args.tokenizer, vocab_size=args.train_tokenizer, text_field=args.text_field)
+        init_ray()
+        m = prepare(args.input, args.tokenizer, args.out, text_field=args.text_field, val_every=args.val_every,
+                    shard_tokens=args.shard_tokens, overwrite=args.overwrite, shuffle_seed=args.shuffle_seed)
+        print(json.dumps({k: {"rows": v["rows"], "tokens": v["tokens"], "shards": len(v["shards"])}
+                          for k, v in m["splits"].items()}))
+    elif args.cmd == "train":
+        cfg = load_config(args.config, args.set)
+        if args.print_config:
+            from raypatch.config import to_yaml
 
-            if args.train_tokenizer and not Path(args.tokenizer).exists():
-                from raypatch.prepare import train_tokenizer
+            print(to_yaml(cfg))
+            return
+        init_ray()
+        train_command(cfg)
+    elif args.cmd == "tune":
+        tune_command(args)
+    elif args.cmd == "plan":
+        from raypatch.tune import plan_table, read_results
 
-                train_tokenizer(args.input, args.tokenizer, vocab_size=args.train_tokenizer,
-                                text_field=args.text_field)
-            init_ray()
-            m = prepare(args.input, args.tokenizer, args.out, text_field=args.text_field, val_every=args.val_every,
-                        shard_tokens=args.shard_tokens, overwrite=args.overwrite, shuffle_seed=args.shuffle_seed)
-            print(json.dumps({k: {"rows": v["rows"], "tokens": v["tokens"], "shards": len(v["shards"])}
-                              for k, v in m["splits"].items()}))
-        elif args.cmd == "train":
-            cfg = load_config(args.config, args.set)
-            if args.print_config:
-                from raypatch.config import to_yaml
+        ks, lams = parse_list(args.k, int, "--k"), parse_list(args.lam, float, "--lam")
+        if not args.budget > 0 or args.corpus_tokens <= 0:
+            raise InputError(f"--budget and --corpus-tokens must be > 0 (got {args.budget:g}, {args.corpus_tokens})")
+        if any(k < 1 for k in ks) or any(not 0 <= x < 1 for x in lams):
+            raise InputError(f"--k values must be >= 1 and --lam values in [0, 1) (got {args.k}, {args.lam})")
+        results = read_results(args.experiment) if args.experiment else None
+        print(plan_table(args.budget, args.corpus_tokens, ks=ks, lams=lams, results=results))
+    elif args.cmd == "evaluate":
+        print(json.dumps(evaluate_command(args), indent=1))
+    elif args.cmd == "export":
+        from raypatch.checkpoint import export_hf
 
-                print(to_yaml(cfg))
-                return 0
-            init_ray()
-            train_command(cfg)
-        elif args.cmd == "tune":
-            tune_command(args)
-        elif args.cmd == "plan":
-            from raypatch.tune import plan_table, read_results
+        print(export_hf(args.checkpoint, args.out, overwrite=args.overwrite))
 
-            results = read_results(args.experiment) if args.experiment else None
-            print(plan_table(args.budget, args.corpus_tokens, ks=[int(x) for x in args.k.split(",")],
-                             lams=[float(x) for x in args.lam.split(",")], results=results))
-        elif args.cmd == "evaluate":
-            print(json.dumps(evaluate_command(args), indent=1))
-        elif args.cmd == "export":
-            from raypatch.checkpoint import export_hf
 
-            print(export_hf(args.checkpoint, args.out))
-    except ValueError as e:  # bad input: one line, no traceback
-        print(f"raypatch: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+def parse_list(text: str, kind: type, flag: str) -> list[Any]:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{flag} {text!r}: expected comma-separated {kind.__name__} values") from None
 
 
 if __name__ == "__main__":

@@ -209,8 +209,13 @@ class CheckpointConfig:
     """Restarts from the last checkpoint allowed after a worker failure."""
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            _fail("checkpoint.name", f"must be a non-empty name without '/', got {self.name!r}")
+        bad = (not self.name or self.name in (".", "..") or self.name.startswith(".")
+               or any(c in self.name for c in "/\\\0") or self.name != self.name.strip())
+        if bad:  # the run directory is <storage_path>/<name>: a name may never lead outside it
+            _fail("checkpoint.name", f"must be one plain path component (no '/', '\\', leading '.' or "
+                  f"surrounding spaces), got {self.name!r}")
+        if not self.storage_path:
+            _fail("checkpoint.storage_path", "empty (a local directory or an s3:// URI)")
         if self.every_steps < 0 or self.keep < 1 or self.every_tokens < 0 or self.every_minutes < 0:
             _fail("checkpoint", "every_steps, every_tokens and every_minutes must be >= 0 and keep >= 1")
         if self.preemption_check_every < 0:
@@ -225,6 +230,12 @@ class EvalConfig:
     """Rows of T tokens scored per validation set."""
     wikitext: str = ""
     """JSONL(.gz) of WikiText-103 test documents for out-of-domain perplexity ('' = skip)."""
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0:
+            _fail("eval.every_steps", f"must be >= 0, got {self.every_steps}")
+        if self.max_rows < 1:
+            _fail("eval.max_rows", f"must be >= 1, got {self.max_rows}")
 
 
 @dataclass(kw_only=True)
@@ -398,17 +409,27 @@ def load_config(source: str, overrides: list[str] | None = None) -> Config:
     if source in presets.PRESETS:
         cfg = presets.get(source)
     elif path.suffix in (".yaml", ".yml", ".json") and path.exists():
-        if path.suffix == ".json":
-            d = json.loads(path.read_text())
-        else:
-            import yaml
+        try:
+            if path.suffix == ".json":
+                d = json.loads(path.read_text())
+            else:
+                import yaml
 
-            d = yaml.safe_load(path.read_text()) or {}
+                d = yaml.safe_load(path.read_text()) or {}
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"config file {path}: not valid JSON ({e})") from None
+        except Exception as e:  # yaml.YAMLError: its message spans lines and points at the problem
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"config file {path}: not valid YAML{where} "
+                             f"({getattr(e, 'problem', None) or type(e).__name__})") from None
         if not isinstance(d, dict):
             raise ValueError(f"config file {path}: expected a mapping at the top level")
         base = d.pop("preset", None)
+        if base is not None and base not in presets.PRESETS:
+            raise ValueError(f"config file {path}: unknown preset {base!r} (known: {', '.join(presets.PRESETS)})")
         cfg = presets.get(base) if base else Config()
-        flat = [f"{k}={v}" for k, v in _flatten(d)]
+        flat = [f"{k}={v}" for k, v in _flatten(d, source=str(path))]
     elif path.suffix in (".yaml", ".yml", ".json"):
         raise ValueError(f"config file {source}: not found")
     else:
@@ -430,13 +451,17 @@ def absolute_paths(cfg: Config) -> Config:
     return apply_overrides(cfg, fixes) if fixes else cfg
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+def _flatten(d: dict[str, Any], prefix: str = "", *, source: str = "") -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
     for k, v in d.items():
         if isinstance(v, dict):
-            out += _flatten(v, f"{prefix}{k}.")
+            out += _flatten(v, f"{prefix}{k}.", source=source)
+        elif v is None:  # YAML `key:` or `key: null` would otherwise become the string "None"
+            _fail(f"{prefix}{k}", f"empty (null) in {source}; give a value or remove the line")
+        elif isinstance(v, (list, tuple)):
+            _fail(f"{prefix}{k}", f"a list in {source}; expected a single value")
         else:
-            out.append((f"{prefix}{k}", "none" if v is None else v))
+            out.append((f"{prefix}{k}", v))
     return out
 
 

@@ -29,34 +29,98 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raypatch.prepare import FORMAT, MANIFEST, InputError, file_sha256
+from raypatch.prepare import FORMAT, MANIFEST, OLD_FORMATS, file_sha256, manifest_checksum, tokens_hash
+from raypatch.safety import InputError
 
 
 def load_manifest(shards_dir: str, *, verify: str = "size") -> dict[str, Any]:
-    """Read manifest.json and check it against the shards on disk ('size', or 'full' to hash every shard)."""
+    """Read manifest.json and check it against the shards on disk.
+
+    verify='size': the manifest's checksum and every shard's size (cheap: the packer checks each row group's
+    hash as it reads it). 'meta' adds each shard's Parquet footer: the column type, the row groups and their
+    token counts (the driver runs it once before any worker starts). 'full' also hashes every shard.
+    A format-1 set (before row-group hashes) is hashed in full under 'meta'.
+    """
     d = Path(shards_dir)
     path = d / MANIFEST
+    if not d.is_dir():
+        raise InputError(f"data.shards={shards_dir}: no such directory (make one with `raypatch prepare`)")
     if not path.exists():
-        raise InputError(f"shards {shards_dir}: no {MANIFEST} (make one with `raypatch prepare`)")
+        raise InputError(f"data.shards={shards_dir}: no {MANIFEST} (make one with `raypatch prepare`)")
     try:
         m = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e.msg})") from None
-    if m.get("format") != FORMAT:
-        raise InputError(f"{path}: format {m.get('format')!r}, expected {FORMAT!r}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({getattr(e, 'msg', e)})") from None
+    if not isinstance(m, dict) or m.get("format") not in (FORMAT, *OLD_FORMATS):
+        got = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise InputError(f"{path}: format {got!r}, expected {FORMAT!r} (rerun `raypatch prepare`)")
+    if m["format"] == FORMAT and m.get("checksum") != manifest_checksum(m):
+        raise InputError(f"{path}: edited after `raypatch prepare` (its checksum does not match its content); "
+                         f"rerun prepare rather than editing the manifest")
+    try:
+        _check_manifest_shape(m)
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+    legacy = m["format"] != FORMAT
     for split in m["splits"].values():
         for s in split["shards"]:
             f = d / s["file"]
-            if not f.exists():
+            if not f.is_file():
                 raise InputError(f"shard {f}: listed in the manifest but missing on disk")
             size = f.stat().st_size
             if size != s["bytes"]:
                 raise InputError(f"shard {f}: {size} bytes on disk, the manifest says {s['bytes']} "
                                  f"(the shards changed since `raypatch prepare`; rerun it)")
-            if verify == "full" and file_sha256(f) != s["sha256"]:
+            if verify == "meta":
+                check_shard_footer(f, s)
+            if (verify == "full" or (legacy and verify == "meta")) and file_sha256(f) != s["sha256"]:
                 raise InputError(f"shard {f}: sha256 differs from the manifest (the shards changed since "
                                  f"`raypatch prepare`; rerun it)")
     return m
+
+
+def _check_manifest_shape(m: dict[str, Any]) -> None:
+    if "train" not in m["splits"]:
+        raise KeyError("splits.train")
+    int(m["tokenizer"]["vocab_size"])
+    str(m["tokenizer"]["fingerprint"])
+    for name, split in m["splits"].items():
+        total = 0
+        for s in split["shards"]:
+            rg = [int(x) for x in s["row_group_tokens"]]
+            if sum(rg) != int(s["tokens"]) or any(x <= 0 for x in rg):
+                raise ValueError(f"shard {s['file']}: row_group_tokens do not add up to its {s['tokens']} tokens")
+            if "row_group_hashes" in s and len(s["row_group_hashes"]) != len(rg):
+                raise ValueError(f"shard {s['file']}: one hash per row group expected")
+            if Path(s["file"]).name != s["file"]:
+                raise ValueError(f"shard file {s['file']!r} is not a plain file name")
+            total += int(s["tokens"])
+        if total != int(split["tokens"]):
+            raise ValueError(f"split {name}: its shards hold {total} tokens, the manifest says {split['tokens']}")
+
+
+def check_shard_footer(path: Path, s: dict[str, Any]) -> None:
+    """A shard's Parquet footer against its manifest entry: list<int32> ids, row groups and their token
+    counts. Reads only the footer."""
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(f"shard {path}: not a readable Parquet file ({e})") from None
+    schema = pf.schema_arrow
+    if "input_ids" not in schema.names:
+        raise InputError(f"shard {path}: no column 'input_ids' (columns: {', '.join(schema.names)})")
+    t = schema.field("input_ids").type
+    if t != pa.list_(pa.int32()):
+        raise InputError(f"shard {path}: column 'input_ids' has type {t}, expected list<int32> token ids")
+    if pf.num_row_groups != len(s["row_group_tokens"]):
+        raise InputError(f"shard {path}: {pf.num_row_groups} row groups on disk, the manifest says "
+                         f"{len(s['row_group_tokens'])} (rerun `raypatch prepare`)")
+    col = schema.names.index("input_ids")
+    for g, n in enumerate(s["row_group_tokens"]):
+        have = pf.metadata.row_group(g).column(col).num_values
+        if have != n:
+            raise InputError(f"shard {path}: row group {g} holds {have} tokens, the manifest says {n} "
+                             f"(rerun `raypatch prepare`)")
 
 
 class TokenStream:
@@ -82,22 +146,39 @@ class TokenStream:
             pos += s["tokens"]
         self.total_tokens = pos
         self._files: dict[int, pq.ParquetFile] = {}
+        self._cache: dict[tuple[int, int], np.ndarray] = {}
 
     def _file(self, i: int) -> pq.ParquetFile:
         if i not in self._files:
             path = self.dir / self.shards[i]["file"]
-            pf = pq.ParquetFile(path)
-            schema = pf.schema_arrow
-            if "input_ids" not in schema.names:
-                raise InputError(f"shard {path}: no column 'input_ids' (columns: {', '.join(schema.names)})")
-            t = schema.field("input_ids").type
-            if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_integer(t.value_type):
-                raise InputError(f"shard {path}: column 'input_ids' has type {t}, expected a list of integers")
-            if pf.num_row_groups != len(self.shards[i]["row_group_tokens"]):
-                raise InputError(f"shard {path}: {pf.num_row_groups} row groups on disk, the manifest says "
-                                 f"{len(self.shards[i]['row_group_tokens'])} (rerun `raypatch prepare`)")
-            self._files[i] = pf
+            check_shard_footer(path, self.shards[i])
+            self._files[i] = pq.ParquetFile(path)
         return self._files[i]
+
+    def _row_group(self, i: int, g: int) -> np.ndarray:
+        """Row group g of shard i as int32 tokens, checked against the manifest's count and hash."""
+        key = (i, g)
+        if key in self._cache:
+            return self._cache[key]
+        s = self.shards[i]
+        path = self.dir / s["file"]
+        try:
+            col = self._file(i).read_row_group(g, columns=["input_ids"]).column(0)
+            flat = pa.concat_arrays([c.flatten() for c in col.chunks]) if col.num_chunks else pa.array([], pa.int32())
+            vals = flat.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+        except (OSError, pa.ArrowException) as e:
+            raise InputError(f"shard {path}: row group {g} cannot be decoded ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged, rerun "
+                             f"`raypatch prepare`") from None
+        if len(vals) != s["row_group_tokens"][g]:
+            raise InputError(f"shard {path}: row group {g} holds {len(vals)} tokens, the manifest says "
+                             f"{s['row_group_tokens'][g]} (rerun `raypatch prepare`)")
+        hashes = s.get("row_group_hashes")
+        if hashes is not None and tokens_hash(vals) != hashes[g]:
+            raise InputError(f"shard {path}: row group {g} does not match its hash in the manifest (the file "
+                             f"changed or is damaged since `raypatch prepare`; rerun it)")
+        self._cache = {key: vals}  # blocks are read in order: the last row group is the one read again
+        return vals
 
     def read_epochs(self, start: int, end: int) -> np.ndarray:
         """Like read, on the stream repeated end to end (multi-epoch plans address epoch e at e·total)."""
@@ -124,12 +205,8 @@ class TokenStream:
             rg = self.rg_starts[i]
             g0 = bisect.bisect_right(rg, lo) - 1
             g1 = bisect.bisect_left(rg, hi)  # row groups g0 .. g1-1 overlap [lo, hi)
-            col = self._file(i).read_row_groups(list(range(g0, g1)), columns=["input_ids"]).column(0)
-            flat = pa.concat_arrays([c.flatten() for c in col.chunks]) if col.num_chunks else pa.array([])
-            if len(flat) != rg[g1] - rg[g0]:
-                raise InputError(f"shard {self.dir / self.shards[i]['file']}: row groups {g0}..{g1 - 1} hold "
-                                 f"{len(flat)} tokens, the manifest says {rg[g1] - rg[g0]} (rerun `raypatch prepare`)")
-            vals = flat.to_numpy(zero_copy_only=False)
+            vals = np.concatenate([self._row_group(i, g) for g in range(g0, g1)]) if g1 - g0 > 1 \
+                else self._row_group(i, g0)
             out[pos - start:pos - start + hi - lo] = vals[lo - rg[g0]:hi - rg[g0]]
             pos += hi - lo
             i += 1

@@ -19,7 +19,9 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,14 +30,27 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raypatch.safety import (
+    InputError,
+    building,
+    check_not_overlapping,
+    check_replaceable,
+    files_under,
+    find_input_error,
+    replace_dir,
+)
+
 MANIFEST = "manifest.json"
-FORMAT = "raypatch-shards/1"
+FORMAT = "raypatch-shards/2"
+"""Version 2 adds a hash per row group, the list of files the set holds and a checksum of the manifest."""
+OLD_FORMATS = ("raypatch-shards/1",)
 SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 EOS = "<|endoftext|>"
-
-
-class InputError(ValueError):
-    """Bad user input: the message names the file, line or field."""
+PIECE_CHARS = 1 << 20
+"""Documents longer than this are tokenized in pieces of about this many characters (bounded memory)."""
+TOKENIZER_FILES = re.compile(r"tokenizer[^/]*|special_tokens_map\.json|added_tokens\.json|vocab\.[a-z]+|merges\.txt"
+                             r"|chat_template[^/]*|spiece\.model|[^/]*\.tiktoken")
+"""The files of an HF tokenizer directory that a shard set and `raypatch tokenizer train` carry."""
 
 
 # --- reading raw text ------------------------------------------------------------------------------
@@ -125,16 +140,64 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def tokens_hash(values: np.ndarray) -> str:
+    """Hash of one row group's decoded token values (int32): checked each time the packer reads it, so a
+    flipped bit anywhere in a shard stops training at the row group it hits, at the cost of one pass of
+    BLAKE2 over data that is being read anyway (about 1 GB/s)."""
+    return hashlib.blake2b(np.ascontiguousarray(values, dtype=np.int32).tobytes(), digest_size=16).hexdigest()
+
+
+def manifest_checksum(m: dict[str, Any]) -> str:
+    """SHA-256 of the manifest without its own checksum: any edit of the file after prepare shows."""
+    body = {k: v for k, v in m.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def shards_id(m: dict[str, Any]) -> str:
+    """The identity of a shard set's content: its tokenizer and every shard's name and SHA-256, in order.
+    Recorded in checkpoints, so that a run never resumes its data cursor on a different stream."""
+    body = {"tokenizer": m["tokenizer"]["fingerprint"],
+            "splits": {k: [[s["file"], s["sha256"]] for s in v["shards"]] for k, v in sorted(m["splits"].items())}}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def shard_set_files(d: Path) -> set[str]:
+    """What a shard set directory holds that raypatch wrote: its manifest's file list (format 2), or for
+    format 1 the manifest, its shards and the tokenizer copy."""
+    try:
+        m = json.loads((d / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(m, dict) or m.get("format") not in (FORMAT, *OLD_FORMATS):
+        return set()
+    if isinstance(m.get("files"), list):
+        return {MANIFEST, *map(str, m["files"])}
+    own = {MANIFEST} | {s["file"] for v in m.get("splits", {}).values() for s in v.get("shards", [])}
+    return own | {f"tokenizer/{f}" for f in (files_under(d / "tokenizer") if (d / "tokenizer").is_dir() else [])}
+
+
 # --- tokenizers ------------------------------------------------------------------------------------
 
 
+def tokenizer_files(d: Path) -> set[str]:
+    """The files of a tokenizer directory that raypatch writes (for check_replaceable)."""
+    return {f.name for f in d.iterdir() if f.is_file() and TOKENIZER_FILES.fullmatch(f.name)}
+
+
 def train_tokenizer(inputs: list[str], out_dir: str, *, vocab_size: int = 8192, text_field: str = "text",
-                    min_frequency: int = 2) -> str:
-    """Train a byte-level BPE with the `tokenizers` library and save it as an HF tokenizer directory."""
+                    min_frequency: int = 2, overwrite: bool = False) -> str:
+    """Train a byte-level BPE with the `tokenizers` library and save it as an HF tokenizer directory.
+
+    Written to a temporary sibling and renamed into place; an existing `out_dir` is replaced only with
+    `overwrite` and only when it holds nothing but tokenizer files."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if vocab_size < 257:
+        raise InputError(f"--vocab-size {vocab_size}: a byte-level BPE needs at least 257 tokens (256 bytes + EOS)")
     files = resolve_inputs(inputs)
+    check_not_overlapping(out_dir, [("input", f) for f in files], "--out")
+    check_replaceable(out_dir, overwrite=overwrite, owned=tokenizer_files, what="a tokenizer")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -148,7 +211,9 @@ def train_tokenizer(inputs: list[str], out_dir: str, *, vocab_size: int = 8192, 
     tok.train_from_iterator(docs(), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS,
                                    model_max_length=1 << 30)
-    fast.save_pretrained(out_dir)
+    with building(out_dir) as tmp:
+        fast.save_pretrained(str(tmp))
+    replace_dir(tmp, out_dir)
     return out_dir
 
 
@@ -160,7 +225,11 @@ def load_tokenizer(path: str) -> Any:
     if not p.is_dir() or not any(p.glob("tokenizer*.json")):
         raise InputError(f"tokenizer {path}: not a local Hugging Face tokenizer directory "
                          f"(make one with `raypatch tokenizer train`)")
-    tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:  # a broken tokenizer.json or config: name the directory, not a traceback
+        raise InputError(f"tokenizer {path}: cannot be loaded ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
     if not getattr(tok, "is_fast", False):
         raise InputError(f"tokenizer {path}: a fast (Rust) tokenizer is required")
     return tok
@@ -207,20 +276,60 @@ class _Tokenize:
         self.sep, self.where = sep, where
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        encs = self.backend.encode_batch([str(t) for t in batch["text"]], add_special_tokens=False)
-        ids = [e.ids + [self.sep] if self.where == "eos" else [self.sep] + e.ids for e in encs]
+        docs = [self.encode(str(t)) for t in batch["text"]]
+        ids = [np.concatenate([d, [self.sep]]) if self.where == "eos" else np.concatenate([[self.sep], d])
+               for d in docs]
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(lengths.sum()))
+        flat = np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32)
         offsets = np.zeros(len(ids) + 1, dtype=np.int32)
         np.cumsum(lengths, out=offsets[1:])
-        return {"file": batch["file"], "doc": batch["doc"],
+        return {"file": batch["file"], "doc": batch["doc"], "error": batch["error"],
                 "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))}
+
+    def encode(self, text: str) -> np.ndarray:
+        """One document's ids (int32, no separator). A long document is encoded piece by piece, so the
+        tokenizer's per-token bookkeeping (offsets, strings: over 100 bytes a token) never holds it whole."""
+        if len(text) <= PIECE_CHARS:
+            return np.asarray(self.backend.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+        return np.concatenate([np.asarray(self.backend.encode(p, add_special_tokens=False).ids, dtype=np.int32)
+                               for p in split_long(text)])
+
+
+_CUT = re.compile(r"(?<=\S) (?=\S)")
+
+
+def split_long(text: str, piece: int = PIECE_CHARS) -> Iterator[str]:
+    """Cut a long document into pieces of at most `piece` characters, each cut just before a single space
+    that stands between two non-space characters. Byte-level BPE pre-tokenizers (GPT-2 style, as
+    `raypatch tokenizer train` builds) always start a new pre-token there, so the pieces encode to exactly
+    the ids of the whole document. Where the last 64 Ki characters before a cut hold no such space (one
+    huge word, base64), the cut falls at the limit and only the tokens at that seam can differ; tokenizers
+    that add a prefix to every input (SentencePiece-style Metaspace) may differ at each seam. Documents up
+    to `piece` characters are never cut."""
+    start = 0
+    while len(text) - start > piece:
+        end = start + piece
+        window = max(start + 1, end - (1 << 16))
+        last = None
+        for m in _CUT.finditer(text, window, end):
+            last = m.start()
+        cut = last if last is not None else end
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def _read_file(row: dict[str, Any], text_field: str) -> Iterator[dict[str, Any]]:
-    for i, text in enumerate(iter_documents(row["path"], text_field)):
-        if text:  # an empty document would add only a separator
-            yield {"file": row["file"], "doc": i, "text": text}
+    # Errors travel as data: an exception here would make Ray Data print the task's traceback before the
+    # driver could turn it into the one-line message. The driver raises the first error row it meets.
+    try:
+        for i, text in enumerate(iter_documents(row["path"], text_field)):
+            if text:  # an empty document would add only a separator
+                yield {"file": row["file"], "doc": i, "text": text, "error": ""}
+    except InputError as e:
+        yield {"file": row["file"], "doc": -1, "text": "", "error": str(e)}
+    except OSError as e:
+        yield {"file": row["file"], "doc": -1, "text": "", "error": f"input {row['path']}: cannot be read ({e})"}
 
 
 # --- writing shards --------------------------------------------------------------------------------
@@ -257,18 +366,20 @@ class ShardWriter:
             return
         if self._writer is None:
             name = f"{self.split}-{len(self.shards):05d}.parquet"
-            self._cur = {"file": name, "rows": 0, "tokens": 0, "row_group_tokens": []}
+            self._cur = {"file": name, "rows": 0, "tokens": 0, "row_group_tokens": [], "row_group_hashes": []}
             # No dictionary or statistics: token lists gain nothing from them and they cost write time.
             self._writer = pq.ParquetWriter(self.out_dir / f".{name}.tmp", self.SCHEMA, compression="zstd",
                                             use_dictionary=False, write_statistics=False)
         lengths = np.fromiter((len(x) for x in self._pending), dtype=np.int64, count=len(self._pending))
         offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
         np.cumsum(lengths, out=offsets[1:])
-        col = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(self._pending)))
+        values = np.concatenate(self._pending).astype(np.int32, copy=False)
+        col = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
         self._writer.write_table(pa.Table.from_arrays([col], schema=self.SCHEMA), row_group_size=len(lengths))
         self._cur["rows"] += len(lengths)
         self._cur["tokens"] += self._pending_tokens
         self._cur["row_group_tokens"].append(self._pending_tokens)
+        self._cur["row_group_hashes"].append(tokens_hash(values))
         self._pending, self._pending_tokens = [], 0
 
     def _close_shard(self) -> None:
@@ -347,30 +458,55 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, *, text_field: str 
     (`DocShuffler`): raypatch streams shards in order, so a corpus sorted by source or topic would otherwise
     give the patch phase and the token phase different kinds of text. Needs a running Ray cluster (or starts a
     local one through ray.data).
+
+    The set is built in a temporary sibling of `out_dir` and renamed into place when complete: a failure
+    leaves `out_dir` as it was. An existing `out_dir` is replaced only with `overwrite`, and only when it
+    holds nothing but a shard set raypatch wrote; an `out_dir` that is, holds or lies inside an input file or
+    the tokenizer is refused.
     """
     import ray
     from tqdm import tqdm
 
+    if val_every < 0 or shard_tokens <= 0 or row_group_tokens <= 0:
+        raise InputError(f"prepare: --val-every must be >= 0 and --shard-tokens > 0 (got {val_every}, "
+                         f"{shard_tokens})")
     files = resolve_inputs(inputs)
+    check_not_overlapping(out_dir, [("tokenizer", tokenizer), *(("input", f) for f in files)], "--out")
+    check_replaceable(out_dir, overwrite=overwrite, owned=shard_set_files, what="a shard set")
     tok = tokenizer_info(tokenizer)
-    out = Path(out_dir)
-    if (out / MANIFEST).exists() and not overwrite:
-        raise InputError(f"output {out}: already holds a manifest.json (pass --overwrite to replace it)")
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.parquet"):
-        if overwrite:
-            old.unlink()
-        else:
-            raise InputError(f"output {out}: already holds shards such as {old.name} (pass --overwrite)")
     sources = [{"path": f, "bytes": os.path.getsize(f), "sha256": file_sha256(f)} for f in files]
-    # A copy of the tokenizer travels with the shards, so a shard set is self-contained on any node.
-    shutil.rmtree(out / "tokenizer", ignore_errors=True)
-    shutil.copytree(tokenizer, out / "tokenizer", ignore=shutil.ignore_patterns(".*"))
-    tok["dir"] = "tokenizer"
+    with building(out_dir) as out:
+        # A copy of the tokenizer travels with the shards, so a shard set is self-contained on any node.
+        (out / "tokenizer").mkdir()
+        for f in sorted(Path(tokenizer).iterdir()):
+            if f.is_file() and TOKENIZER_FILES.fullmatch(f.name):
+                shutil.copyfile(f, out / "tokenizer" / f.name)
+        tok["dir"] = "tokenizer"
+        splits, n_docs = _tokenize_into(out, files, tokenizer, tok, text_field=text_field, val_every=val_every,
+                                        shard_tokens=shard_tokens, row_group_tokens=row_group_tokens,
+                                        batch_size=batch_size, num_tokenizers=num_tokenizers, progress=progress,
+                                        shuffle_seed=shuffle_seed, ray=ray, tqdm=tqdm)
+        if splits["train"]["tokens"] == 0:
+            raise InputError(f"input {', '.join(inputs)}: the corpus is empty (no non-empty documents)")
+        manifest = {"format": FORMAT, "tokenizer": tok, "text_field": text_field, "val_every": val_every,
+                    "shuffle_seed": shuffle_seed, "documents": n_docs, "sources": sources, "splits": splits}
+        manifest["files"] = [*files_under(out), MANIFEST]
+        manifest["shards_id"] = shards_id(manifest)
+        manifest["checksum"] = manifest_checksum(manifest)
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    replace_dir(out, out_dir)
+    return manifest
 
+
+def _tokenize_into(out: Path, files: list[str], tokenizer: str, tok: dict[str, Any], *, text_field: str,
+                   val_every: int, shard_tokens: int, row_group_tokens: int, batch_size: int, num_tokenizers: int,
+                   progress: bool, shuffle_seed: int | None, ray: Any, tqdm: Any) -> tuple[dict[str, Any], int]:
+    """The Ray Data pipeline (read files -> tokenizer actors -> ordered documents) and the shard writers."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the driver must see documents in input order
     ctx.enable_progress_bars = False  # our own bar below counts documents and tokens
+    # A corpus of one file gives the actor pool one input block at first; Ray Data warns about that each run.
+    warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
     # Small blocks: one file's documents must spread over every tokenizer actor, not arrive as one block.
     ctx.target_max_block_size = min(ctx.target_max_block_size or 1 << 30, 1 << 20)
     # Leave a CPU for the file-reading tasks: actors holding every CPU would starve them forever.
@@ -390,6 +526,9 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, *, text_field: str 
     bar = tqdm(desc="prepare", unit=" docs", disable=not progress)
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            errors = [e for e in batch.column("error").to_pylist() if e]
+            if errors:
+                raise InputError(errors[0])
             col = batch.column("input_ids").combine_chunks()
             values = col.values.to_numpy()
             offs = col.offsets.to_numpy()
@@ -408,46 +547,16 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, *, text_field: str 
         if shuffler is not None:
             for doc in shuffler.drain():
                 writers["train"].add(doc)
-    except BaseException as e:
-        # Remove what this run wrote (only its own shard names), so a failed prepare leaves no half set.
+    except Exception as e:
         for w in writers.values():
-            w.abort()
-        if shuffler is not None:
-            shuffler.close()
+            w.abort()  # close open files; the temporary directory goes with them
         # Ray wraps errors raised in tasks; surface ours as the one-line message it is.
-        cause = _find_input_error(e) if isinstance(e, Exception) else None
+        cause = find_input_error(e)
         if cause is not None:
             raise cause from None
         raise
     finally:
         bar.close()
-    if shuffler is not None:
-        shuffler.close()
-    splits = {name: w.close() for name, w in writers.items()}
-    if splits["train"]["tokens"] == 0:
-        for w in writers.values():
-            w.abort()
-        raise InputError(f"input {', '.join(inputs)}: the corpus is empty (no non-empty documents)")
-    manifest = {"format": FORMAT, "tokenizer": tok, "text_field": text_field, "val_every": val_every,
-                "shuffle_seed": shuffle_seed, "documents": n_docs, "sources": sources, "splits": splits}
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST)
-    return manifest
-
-
-def _find_input_error(e: BaseException) -> InputError | None:
-    """Our InputError behind Ray's wrappers (RayTaskError duals carry the remote traceback in str())."""
-    seen = set()
-    stack: list[BaseException | None] = [e]
-    while stack:
-        x = stack.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, InputError):
-            lines = [ln for ln in str(x).splitlines() if "InputError: " in ln]
-            return InputError(lines[-1].split("InputError: ", 1)[1] if lines else str(x))
-        stack += [x.__cause__, x.__context__, getattr(x, "cause", None)]
-    lines = [ln for ln in str(e).splitlines() if "InputError: " in ln]
-    return InputError(lines[-1].split("InputError: ", 1)[1]) if lines else None
+        if shuffler is not None:
+            shuffler.close()
+    return {name: w.close() for name, w in writers.items()}, n_docs

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from raypatch.checkpoint import (
+    check_checkpoint,
     check_compatible,
     check_shards,
     clear_stale,
@@ -46,6 +49,14 @@ from raypatch.data import (
 from raypatch.metrics import MetricsWriter, log_line, peak_flops, plot_runs
 from raypatch.model import build_model, check_token_ids, lm_loss, num_params
 from raypatch.patching import flops_per_position, relative_cost
+from raypatch.prepare import shards_id
+from raypatch.safety import (
+    InputError,
+    check_not_overlapping,
+    find_input_error,
+    restricted_torch_load,
+    unpickle_error,
+)
 from raypatch.schedule import lr_at
 
 
@@ -172,6 +183,45 @@ def checkpoint_is_due(cfg: Config, since_t: float, device: Any) -> bool:
     return bool(flag.item())
 
 
+def next_batch(batches: Any, plan: PhasePlan, micro_batch: int, vocab_size: int) -> tuple[np.ndarray, list[int], str]:
+    """The next micro-batch (ids, block numbers, ''), or a zero batch and the reason when the data is bad.
+
+    A bad batch (a damaged row group, a token id outside the vocabulary) is found on one rank only, while
+    every rank must run the same collectives: that rank trains this step on zeros and the step ends with
+    `first_error`, which every rank calls, so all of them stop together with the same one-line message
+    before the optimizer step. Deterministic data errors are never retried by Ray.
+    """
+    zeros = np.zeros((micro_batch, plan.block_tokens), np.int32)
+    try:
+        batch = next(batches)
+    except StopIteration:
+        raise
+    except Exception as e:
+        err = find_input_error(e)
+        if err is None:
+            raise
+        return zeros, [], str(err)
+    try:
+        check_token_ids(batch["input_ids"], vocab_size,
+                        lambda: f"{plan.phase}-phase blocks {batch['block'].tolist()}")
+    except ValueError as e:
+        return zeros, batch["block"].tolist(), str(e)
+    return batch["input_ids"], batch["block"].tolist(), ""
+
+
+def first_error(error: str, device: Any) -> str:
+    """Collective: '' when no rank saw a data error in this step, else the lowest failing rank's message."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if error else 0.0], device=device)
+    dist.all_reduce(flag)
+    if flag.item() == 0:
+        return ""
+    errors: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next(e for e in errors if e)
+
+
 def plan_dicts(plans: list[PhasePlan]) -> list[dict[str, Any]]:
     return [p.to_dict() for p in plans]
 
@@ -183,6 +233,16 @@ def new_state() -> dict[str, Any]:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """One Ray Train worker. Bad input found here (the same on every rank: a shard set or checkpoint that
+    changed after the driver's checks) ends the run with its one-line message instead of a traceback that
+    Ray would retry; `fit` raises it on the driver."""
+    try:
+        return train_loop(config)
+    except InputError as e:
+        return {"error": str(e)}
+
+
+def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """One Ray Train worker: seed, data plan, model, DeepSpeed engine, resume, then both phases."""
     import deepspeed
     import ray.train
@@ -215,10 +275,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     ckpt = ray.train.get_checkpoint()
     ckpt_dir, load_tag = None, "ds"
     if ckpt is not None:
-        ckpt_dir = ckpt.to_directory()
+        # A local copy, removed once loaded (below), also when loading fails.
+        ckpt_dir = tempfile.mkdtemp(prefix="raypatch-resume-")
+        ckpt.to_directory(ckpt_dir)
         meta = load_meta(ckpt_dir)
         check_compatible(meta, config=cfg.to_dict(), tokenizer_fingerprint=manifest["tokenizer"]["fingerprint"],
-                         plan=plan_dicts(plans), where=str(ckpt.path))
+                         plan=plan_dicts(plans), shards=shards_id(manifest), where=str(ckpt.path))
         state = meta["state"]
         check_shards(ckpt_dir, meta["world_size"])
         if meta["world_size"] != world:
@@ -238,8 +300,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
                                       config=ds_config)
     if ckpt_dir is not None:
-        engine.load_checkpoint(ckpt_dir, tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=False)
-        restore_rng(ckpt_dir, rank)
+        try:
+            with restricted_torch_load():  # DeepSpeed unpickles with weights_only=False: never let it
+                engine.load_checkpoint(ckpt_dir, tag=load_tag, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+            restore_rng(ckpt_dir, rank)
+        except pickle.UnpicklingError as e:
+            raise unpickle_error(e, str(ckpt.path)) from None
+        finally:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
         say(f"resumed from {ckpt.path}: {plan.phase} phase, step {state['step_in_phase']}/{plan.num_steps}")
 
     val_sets = {"val": val_rows(TokenStream(cfg.data.shards, "val", manifest=manifest), cfg.data.seq_len,
@@ -276,17 +345,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         since.update(t=time.monotonic(), tokens=0)
         meta = {"version": 1, "state": state, "config": cfg.to_dict(), "plan": plan_dicts(plans),
                 "tokenizer_fingerprint": manifest["tokenizer"]["fingerprint"], "tokenizer_dir": tok_dir,
-                "world_size": world}
+                "shards_id": shards_id(manifest), "world_size": world}
         d = save_local(engine, rank=rank, meta=meta)
-        name = f"checkpoint-{state['global_step']:07d}"
-        if rank == 0:  # an unregistered upload of an earlier attempt may hold this name (checkpoint.py)
-            storage = ray.train.get_context().get_storage()
-            if clear_stale(storage.storage_filesystem, storage.build_checkpoint_path_from_name(name)):
-                say(f"removed {name} left unregistered by an earlier attempt; saving it anew")
-        dist.barrier()  # nobody uploads before the stale directory is gone
-        ray.train.report({**metrics, "checkpoint": name}, checkpoint=ray.train.Checkpoint.from_directory(str(d)),
-                         checkpoint_dir_name=name)
-        shutil.rmtree(d, ignore_errors=True)  # the synchronous report has persisted it: free the local copy
+        try:
+            name = f"checkpoint-{state['global_step']:07d}"
+            if rank == 0:  # an unregistered upload of an earlier attempt may hold this name (checkpoint.py)
+                storage = ray.train.get_context().get_storage()
+                if clear_stale(storage.storage_filesystem, storage.build_checkpoint_path_from_name(name)):
+                    say(f"removed {name} left unregistered by an earlier attempt; saving it anew")
+            dist.barrier()  # nobody uploads before the stale directory is gone
+            ray.train.report({**metrics, "checkpoint": name},
+                             checkpoint=ray.train.Checkpoint.from_directory(str(d)), checkpoint_dir_name=name)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)  # persisted by the synchronous report, or failed: free the copy
 
     # --- the two phases -------------------------------------------------------------------------------
     # One id per (re)start of the worker group, the same on every rank: rank 0's pid. Audits of trained
@@ -317,20 +388,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
             step_t = time.perf_counter()
-            trained_blocks = []
+            trained_blocks: list[int] = []
+            data_error = ""
             for micro in range(ga):
                 t = time.perf_counter()
-                batch = next(batches)
+                if data_error:  # this rank's data already failed: zeros keep the collectives in step
+                    rows = np.zeros((mb, plan.block_tokens), np.int32)
+                else:
+                    rows, blocks, data_error = next_batch(batches, plan, mb, cfg.model.vocab_size)
+                    trained_blocks += blocks
                 window_wait += time.perf_counter() - t
-                check_token_ids(batch["input_ids"], cfg.model.vocab_size,
-                                lambda p=plan, b=batch: f"{p.phase}-phase blocks {b['block'].tolist()}")
-                ids = torch.from_numpy(batch["input_ids"].astype(np.int64)).to(device)  # (mb, block)
-                trained_blocks += batch["block"].tolist()
+                ids = torch.from_numpy(rows.astype(np.int64)).to(device)  # (mb, block)
                 engine.set_gradient_accumulation_boundary(micro == ga - 1)
                 loss = engine(ids, plan.k)
                 engine.backward(loss)
                 log_loss[0] += loss.detach().double()
                 log_loss[1] += 1
+            data_error = first_error(data_error, device)
+            if data_error:  # before the optimizer step: the bad batch never changes the weights
+                writer.close()
+                return {"error": data_error, "state": state}
             engine.step()
             state["step_in_phase"] = step + 1
             state["global_step"] += 1
@@ -428,20 +505,39 @@ def run_dir_of(cfg: Config) -> Path:
 def preflight(cfg: Config) -> list[PhasePlan]:
     """Every check that can fail on bad input, before a worker starts or a checkpoint is touched."""
     if not cfg.data.shards:
-        raise ValueError("config field 'data.shards': empty (point it at a directory made by `raypatch prepare`)")
-    manifest = load_manifest(cfg.data.shards)
+        raise InputError("config field 'data.shards': empty (point it at a directory made by `raypatch prepare`)")
+    manifest = load_manifest(cfg.data.shards, verify="meta")
     check_vocab(manifest, cfg.model.vocab_size, f"data.shards={cfg.data.shards}")
     plans = plan_from_config(cfg, manifest["splits"]["train"]["tokens"])
     for p in plans:
         grad_accum_steps(p, cfg.scale.num_workers, cfg.optim.micro_batch_size)
-    if cfg.eval.wikitext and not Path(cfg.eval.wikitext).exists():
-        raise ValueError(f"config field 'eval.wikitext': {cfg.eval.wikitext} does not exist")
+    if cfg.eval.wikitext and not Path(cfg.eval.wikitext).is_file():
+        raise InputError(f"config field 'eval.wikitext': {cfg.eval.wikitext} is not a file")
+    check_storage(cfg)
     latest = find_latest(run_dir_of(cfg))
     if latest is not None:
-        meta = load_meta(latest)
+        meta = check_checkpoint(latest)
         check_compatible(meta, config=cfg.to_dict(), tokenizer_fingerprint=manifest["tokenizer"]["fingerprint"],
-                         plan=plan_dicts(plans), where=str(latest))
+                         plan=plan_dicts(plans), shards=shards_id(manifest), where=str(latest))
     return plans
+
+
+def check_storage(cfg: Config) -> None:
+    """A local storage path must be a writable directory, and the run directory may not be, hold or lie
+    inside the shard set or the evaluation file (a run writes metrics, checkpoints and exports there)."""
+    if is_uri(cfg.checkpoint.storage_path):
+        return
+    storage = Path(cfg.checkpoint.storage_path).expanduser()
+    for p in (storage, *storage.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise InputError(f"config field 'checkpoint.storage_path': {p} is a file, not a directory")
+            if not os.access(p, os.W_OK):
+                raise InputError(f"config field 'checkpoint.storage_path': {p} is not writable")
+            break
+    check_not_overlapping(run_dir_of(cfg), [("shard set (data.shards)", cfg.data.shards),
+                                            ("evaluation file (eval.wikitext)", cfg.eval.wikitext)],
+                          "run directory (checkpoint.storage_path/checkpoint.name)")
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:
@@ -487,15 +583,17 @@ def fit(cfg: Config, *, export: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     result = build_trainer(cfg).fit()
     if result.error is not None:
-        raise result.error
+        raise find_input_error(result.error) or result.error
     summary = dict(result.return_value or {})
+    if summary.get("error"):  # bad data met by the workers: every rank stopped with this message
+        raise InputError(summary["error"])
     summary["wall_s"] = time.perf_counter() - t0
     summary["run_dir"] = str(run_dir)
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
             summary["checkpoint"] = result.checkpoint.path
             if export:
-                summary["export"] = str(export_hf(d, run_dir / "hf"))
+                summary["export"] = str(export_hf(d, run_dir / "hf", overwrite=True))
     summary |= summarize(cfg, summary)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     plot_runs({cfg.checkpoint.name: run_dir / "metrics.jsonl"}, run_dir / "val_loss_vs_compute.png")

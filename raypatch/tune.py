@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from raypatch.config import Config, apply_overrides, set_dotted, to_yaml
+from raypatch.safety import InputError, find_input_error
 
 # --- the search space ------------------------------------------------------------------------------
 
@@ -153,7 +154,9 @@ def train_driver(config: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     result = build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
     if result.error is not None:
-        raise result.error
+        raise find_input_error(result.error) or result.error
+    if (result.return_value or {}).get("error"):
+        raise InputError(result.return_value["error"])
     (Path(config["trials_dir"]) / cfg.checkpoint.name / "trial.json").write_text(json.dumps(
         {"params": config["params"], "config": cfg.to_dict(), "wall_s": time.perf_counter() - t0,
          "state": (result.return_value or {}).get("state"), "final": (result.return_value or {}).get("final")}))

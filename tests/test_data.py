@@ -21,7 +21,7 @@ from raypatch.data import (
     worker_dataset,
     worker_runs,
 )
-from raypatch.prepare import InputError
+from raypatch.prepare import InputError, manifest_checksum
 
 T = 32
 
@@ -138,7 +138,11 @@ def test_manifest_that_no_longer_matches_the_shards(shards, tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, different bytes
     shard.write_bytes(bytes(data))
-    load_manifest(str(d))  # the cheap check (sizes) passes
+    load_manifest(str(d))  # the cheap check (sizes) passes; reading the damaged row group does not
+    with pytest.raises(InputError, match=r"train-00001.parquet: row group \d+ (does not match its hash|cannot be "
+                                         r"decoded|holds)"):
+        stream = TokenStream(str(d))
+        stream.read(0, stream.total_tokens)
     with pytest.raises(InputError, match="train-00001.parquet: sha256 differs from the manifest"):
         load_manifest(str(d), verify="full")
     shard.write_bytes(bytes(data) + b"x")
@@ -156,12 +160,17 @@ def test_shard_column_not_a_list_of_integers(shards, tmp_path):
     pq.write_table(pa.table({"input_ids": pa.array([["a", "b"]] * entry["rows"])}), d / entry["file"],
                    row_group_size=entry["rows"])
     entry["bytes"] = (d / entry["file"]).stat().st_size
-    entry["row_group_tokens"] = [entry["tokens"]]
+    entry["row_group_tokens"], entry["row_group_hashes"] = [entry["tokens"]], ["0" * 32]
     (d / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(InputError) as e:
-        TokenStream(str(d)).read(0, 10)
-    assert "train-00000.parquet: column 'input_ids' has type list<element: string>, expected a list of integers" \
-        in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(InputError, match="manifest.json: edited after `raypatch prepare`"):
+        TokenStream(str(d))
+    m["checksum"] = manifest_checksum(m)  # a manifest rewritten to match: the shard's footer still tells
+    (d / "manifest.json").write_text(json.dumps(m))
+    for read in (lambda: TokenStream(str(d)).read(0, 10), lambda: load_manifest(str(d), verify="meta")):
+        with pytest.raises(InputError) as e:
+            read()
+        assert "train-00000.parquet: column 'input_ids' has type list<element: string>, expected list<int32>" \
+            in str(e.value) and "\n" not in str(e.value)
 
 
 def test_token_ids_beyond_the_model_vocab(shards):

@@ -151,7 +151,7 @@ def test_empty_corpus(tokenizer_dir, ray_local, tmp_path):
 
 def test_existing_output_is_not_overwritten(shards, corpus, tokenizer_dir):
     before = (Path(shards) / "manifest.json").read_bytes()
-    with pytest.raises(InputError, match="already holds a manifest.json"):
+    with pytest.raises(InputError, match="already holds a shard set .pass --overwrite"):
         prepare([str(corpus)], tokenizer_dir, shards, progress=False)
     assert (Path(shards) / "manifest.json").read_bytes() == before
 
