@@ -5,9 +5,10 @@ into spaces and repeated) plus a few ordinary documents, then runs `raypatch pre
 and samples the resident memory of that process and all its descendants (the Ray cluster it starts) every
 0.2 s. With --compare REV it also runs the code of git revision REV the same way, one after the other.
 
-    python benchmarks/prepare_memory.py --mb 50 --compare <rev>
+    python benchmarks/prepare_memory.py --mb 50 --kind text --compare <rev>
+    python benchmarks/prepare_memory.py --mb 50 --kind nospace --compare <rev>
 
-Writes benchmarks/results/prepare_memory.{json,md}.
+Writes benchmarks/results/prepare_memory_<kind>_<mb>mb.{json,md}.
 """
 
 from __future__ import annotations
@@ -28,9 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "raypatch" / "corpus" / "python-docs-sample.jsonl.gz"
 
 
-def make_input(path: Path, mb: int) -> int:
+def make_input(path: Path, mb: int, kind: str) -> int:
+    """kind 'text': prose with spaces, newlines turned into spaces; 'nospace': the same characters with every
+    whitespace removed (one 50 MB "word": minified or base64-like content)."""
     docs = [json.loads(line)["text"] for line in gzip.open(CORPUS, "rt")]
     flat = " ".join(d.replace("\n", " ") for d in docs)
+    if kind == "nospace":
+        flat = "".join(flat.split())
     big = (flat * (mb * 2**20 // len(flat) + 1))[: mb * 2**20]
     with open(path, "w") as f:
         for d in docs[:20]:
@@ -40,23 +45,22 @@ def make_input(path: Path, mb: int) -> int:
 
 
 def run(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
-    """Peak RSS of the process tree (sum) and of its largest process, sampled every 0.2 s."""
+    """Peak RSS, summed and of the largest process, over every process started since the command began,
+    sampled every 0.2 s. Not only the command's descendants: Ray's raylet, and with it the tokenizer actors,
+    are not children of the driver. Run it on an otherwise quiet machine."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    root = psutil.Process(proc.pid)
+    start = time.time() - 1.0
+    # cwd: `python -m` puts the working directory first on sys.path, which would shadow PYTHONPATH's tree.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=tempfile.gettempdir())
     peak_tree = peak_one = 0
     while proc.poll() is None:
-        try:
-            procs = [root, *root.children(recursive=True)]
-            rss = []
-            for p in procs:
-                try:
-                    rss.append(p.memory_info().rss)
-                except psutil.Error:
-                    pass
-            peak_tree, peak_one = max(peak_tree, sum(rss)), max(peak_one, max(rss, default=0))
-        except psutil.Error:
-            pass
+        rss = []
+        for p in psutil.process_iter(["create_time", "memory_info"]):
+            info = p.info
+            if info["create_time"] and info["create_time"] >= start and info["memory_info"] is not None:
+                rss.append(info["memory_info"].rss)
+        peak_tree, peak_one = max(peak_tree, sum(rss)), max(peak_one, max(rss, default=0))
         time.sleep(0.2)
     out = proc.stdout.read() if proc.stdout else ""
     if proc.returncode != 0:
@@ -68,12 +72,13 @@ def run(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=int, default=50)
+    ap.add_argument("--kind", default="text", choices=["text", "nospace"])
     ap.add_argument("--compare", default="", help="a git revision to measure the same way (e.g. the one before)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="raypatch-bench-mem-"))
     src = work / "huge.jsonl"
-    chars = make_input(src, args.mb)
+    chars = make_input(src, args.mb, args.kind)
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
     tok = work / "tok"
     subprocess.run([sys.executable, "-m", "raypatch.cli", "tokenizer", "train", "--input", str(CORPUS), "--out",
@@ -96,19 +101,20 @@ def main() -> None:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(work / "old")],
                            capture_output=True)
     load = os.getloadavg()
-    result = {"document_chars": chars, "mb": args.mb, "load_avg": load, "runs": rows}
+    result = {"document_chars": chars, "mb": args.mb, "kind": args.kind, "load_avg": load, "runs": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "prepare_memory.json").write_text(json.dumps(result, indent=1))
-    lines = [f"`python benchmarks/prepare_memory.py --mb {args.mb}"
+    stem = f"prepare_memory_{args.kind}_{args.mb}mb"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    lines = [f"`python benchmarks/prepare_memory.py --mb {args.mb} --kind {args.kind}"
              + (f" --compare {args.compare}`" if args.compare else "`"),
-             "", f"One JSONL document of {chars:,} characters on one line, plus 20 ordinary documents; "
+             "", f"One JSONL document of {chars:,} characters ({args.kind}) on one line, plus 20 ordinary documents; "
              f"load average at the end {load[0]:.2f}.", "",
-             "| code | peak RSS, process tree (GB) | peak RSS, largest process (GB) | wall-clock (s) |",
+             "| code | peak RSS, all processes of the run (GB) | peak RSS, largest process (GB) | wall-clock (s) |",
              "|---|---|---|---|"]
     lines += [f"| {k} | {v['peak_tree_gb']:.2f} | {v['peak_process_gb']:.2f} | {v['wall_s']:.0f} |"
               for k, v in rows.items()]
-    (out / "prepare_memory.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -276,23 +276,22 @@ class _Tokenize:
         self.sep, self.where = sep, where
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        docs = [self.encode(str(t)) for t in batch["text"]]
-        ids = [np.concatenate([d, [self.sep]]) if self.where == "eos" else np.concatenate([[self.sep], d])
-               for d in docs]
+        # Rows are documents, or pieces of a long one (split_long): the separator goes before a document's
+        # first piece (BOS) or after its last (EOS).
+        ids = []
+        for text, part, last in zip(batch["text"], batch["part"], batch["last"]):
+            enc = np.asarray(self.backend.encode(str(text), add_special_tokens=False).ids, dtype=np.int32)
+            if self.where == "bos" and part == 0:
+                enc = np.concatenate([[self.sep], enc]).astype(np.int32)
+            elif self.where == "eos" and last:
+                enc = np.concatenate([enc, [self.sep]]).astype(np.int32)
+            ids.append(enc)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        flat = np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32)
+        flat = np.concatenate(ids) if ids else np.zeros(0, np.int32)
         offsets = np.zeros(len(ids) + 1, dtype=np.int32)
         np.cumsum(lengths, out=offsets[1:])
-        return {"file": batch["file"], "doc": batch["doc"], "error": batch["error"],
+        return {"file": batch["file"], "doc": batch["doc"], "last": batch["last"], "error": batch["error"],
                 "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))}
-
-    def encode(self, text: str) -> np.ndarray:
-        """One document's ids (int32, no separator). A long document is encoded piece by piece, so the
-        tokenizer's per-token bookkeeping (offsets, strings: over 100 bytes a token) never holds it whole."""
-        if len(text) <= PIECE_CHARS:
-            return np.asarray(self.backend.encode(text, add_special_tokens=False).ids, dtype=np.int32)
-        return np.concatenate([np.asarray(self.backend.encode(p, add_special_tokens=False).ids, dtype=np.int32)
-                               for p in split_long(text)])
 
 
 _CUT = re.compile(r"(?<=\S) (?=\S)")
@@ -320,16 +319,27 @@ def split_long(text: str, piece: int = PIECE_CHARS) -> Iterator[str]:
 
 
 def _read_file(row: dict[str, Any], text_field: str) -> Iterator[dict[str, Any]]:
+    """One row per document, or per piece of a document longer than PIECE_CHARS (split_long), so that no
+    row downstream (blocks, tokenizer actors, encodings) is larger than a piece: only this task ever holds a
+    long document whole. The driver joins the pieces of a document (`last` marks its final one)."""
     # Errors travel as data: an exception here would make Ray Data print the task's traceback before the
     # driver could turn it into the one-line message. The driver raises the first error row it meets.
     try:
         for i, text in enumerate(iter_documents(row["path"], text_field)):
-            if text:  # an empty document would add only a separator
-                yield {"file": row["file"], "doc": i, "text": text, "error": ""}
+            if not text:  # an empty document would add only a separator
+                continue
+            pieces = split_long(text) if len(text) > PIECE_CHARS else iter([text])
+            piece = next(pieces)
+            part = 0
+            for following in pieces:
+                yield {"file": row["file"], "doc": i, "part": part, "last": False, "text": piece, "error": ""}
+                piece, part = following, part + 1
+            yield {"file": row["file"], "doc": i, "part": part, "last": True, "text": piece, "error": ""}
     except InputError as e:
-        yield {"file": row["file"], "doc": -1, "text": "", "error": str(e)}
+        yield {"file": row["file"], "doc": -1, "part": 0, "last": True, "text": "", "error": str(e)}
     except OSError as e:
-        yield {"file": row["file"], "doc": -1, "text": "", "error": f"input {row['path']}: cannot be read ({e})"}
+        yield {"file": row["file"], "doc": -1, "part": 0, "last": True, "text": "",
+               "error": f"input {row['path']}: cannot be read ({e})"}
 
 
 # --- writing shards --------------------------------------------------------------------------------
@@ -523,6 +533,7 @@ def _tokenize_into(out: Path, files: list[str], tokenizer: str, tok: dict[str, A
                "val": ShardWriter(out, "val", shard_tokens, row_group_tokens)}
     shuffler = DocShuffler(out / ".shuffle.tmp", shuffle_seed) if shuffle_seed is not None else None
     n_docs = n_tokens = 0
+    pieces: list[np.ndarray] = []  # the pieces so far of a long document
     bar = tqdm(desc="prepare", unit=" docs", disable=not progress)
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -532,8 +543,14 @@ def _tokenize_into(out: Path, files: list[str], tokenizer: str, tok: dict[str, A
             col = batch.column("input_ids").combine_chunks()
             values = col.values.to_numpy()
             offs = col.offsets.to_numpy()
+            lasts = batch.column("last").to_pylist()
             for i in range(len(col)):
                 doc = values[offs[i]:offs[i + 1]]
+                if not lasts[i]:  # a piece of a long document: its rest follows in order
+                    pieces.append(doc.copy())
+                    continue
+                if pieces:
+                    doc, pieces = np.concatenate([*pieces, doc]), []
                 if val_every and n_docs % val_every == val_every - 1:
                     writers["val"].add(doc)
                 elif shuffler is not None:
@@ -542,7 +559,7 @@ def _tokenize_into(out: Path, files: list[str], tokenizer: str, tok: dict[str, A
                     writers["train"].add(doc)
                 n_docs += 1
             n_tokens += int(offs[-1] - offs[0])
-            bar.update(len(col))
+            bar.update(sum(lasts))
             bar.set_postfix(tokens=f"{n_tokens:,}")
         if shuffler is not None:
             for doc in shuffler.drain():

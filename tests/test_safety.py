@@ -422,6 +422,24 @@ def test_long_documents_tokenize_in_pieces_to_the_same_ids(tokenizer_dir):
     assert "".join(split_long("x" * 50_000, piece=20_000)) == "x" * 50_000  # no space: cut at the limit
 
 
+def test_prepare_joins_the_pieces_of_a_long_document(tokenizer_dir, ray_local, tmp_path):
+    from raypatch.prepare import PIECE_CHARS, _Tokenize, load_tokenizer, prepare
+
+    text = " ".join(json.loads(line)["text"] for line in gzip.open(
+        ROOT / "raypatch" / "corpus" / "python-docs-sample.jsonl.gz", "rt"))
+    long_doc = (text * 3)[: 2 * PIECE_CHARS + 12345]  # three pieces
+    src = tmp_path / "docs.jsonl"
+    src.write_text("\n".join(json.dumps({"text": t}) for t in ["short one", long_doc, "short two"]) + "\n")
+    m = prepare([str(src)], tokenizer_dir, str(tmp_path / "out"), val_every=0, progress=False)
+    rows = [r for s in m["splits"]["train"]["shards"]
+            for r in pq.read_table(tmp_path / "out" / s["file"]).column(0).to_pylist()]
+    eos = load_tokenizer(tokenizer_dir).eos_token_id
+    backend = _Tokenize(tokenizer_dir, eos, "eos").backend
+    assert m["documents"] == 3 and len(rows) == 3
+    assert rows[1] == backend.encode(long_doc, add_special_tokens=False).ids + [eos]
+    assert rows[2] == backend.encode("short two", add_special_tokens=False).ids + [eos]
+
+
 # --- config, names and the other commands ----------------------------------------------------------
 
 
