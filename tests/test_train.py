@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,10 @@ def test_stopped_run_resumes_from_its_checkpoint(reference, shards, ray_local, t
     stale = tmp_path / "stopped" / "checkpoint-0000032" / "ds"
     stale.mkdir(parents=True)
     (stale / "zero_pp_rank_5_mp_rank_00_optim_states.pt").write_bytes(b"stale")
+    temp = Path(tempfile.gettempdir())
+    copies = set(temp.glob("raypatch-*"))
     summary = fit(cfg)
+    assert set(temp.glob("raypatch-*")) == copies, "the resume left a local copy of the checkpoint behind"
     run, ref_run = Path(summary["run_dir"]), Path(ref["run_dir"])
     assert not (stale / "zero_pp_rank_5_mp_rank_00_optim_states.pt").exists()
     check_shards(run / "checkpoint-0000032", 2)
