@@ -54,6 +54,28 @@ def reference(shards, ray_local, tmp_path_factory):
     return cfg, fit(cfg)
 
 
+GOLDEN = Path(__file__).parent / "golden" / "tiny_zero2.json"
+
+
+def test_golden_run_is_unchanged(reference):
+    """Per-step losses and trained blocks of the reference run against a file recorded before the trainer was
+    reshaped (issue 10): behaviour must not change. RAYPATCH_RECORD_GOLDEN=1 records it anew."""
+    _, summary = reference
+    run = Path(summary["run_dir"])
+    now = {"losses": {str(k): v for k, v in step_losses(run).items()}, "blocks": trained_steps(run),
+           "final": {k: summary["final"][k] for k in ("val/loss", "wikitext/loss")}}
+    if os.environ.get("RAYPATCH_RECORD_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(now, indent=1, sort_keys=True) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    assert now["blocks"] == golden["blocks"]
+    assert now["losses"].keys() == golden["losses"].keys()
+    for step, loss in golden["losses"].items():
+        assert now["losses"][step] == pytest.approx(loss, rel=1e-6, abs=1e-6), step
+    for k, v in golden["final"].items():
+        assert now["final"][k] == pytest.approx(v, rel=1e-6, abs=1e-6), k
+
+
 def test_two_phases_in_one_run(reference, shards):
     cfg, summary = reference
     run = Path(summary["run_dir"])
