@@ -83,12 +83,12 @@ def command_line() -> str:
 
 
 def start_ray(num_cpus: int = 4) -> bool:
-    """One private local Ray cluster (raypatch.cli.start_local_ray: its own dashboard port, never attached to
+    """One private local Ray cluster (raypatch.cluster.start_local_ray: its own dashboard port, never attached to
     anyone else's); False when this process already has one (a caller that started Ray itself, e.g. a test
     fixture, keeps it). End it with ray.shutdown() if True."""
     import ray
 
-    from raypatch.cli import start_local_ray
+    from raypatch.cluster import start_local_ray
 
     if ray.is_initialized():
         return False
@@ -139,8 +139,8 @@ def shards(vocab_size: int, *, num_docs: int = 0, val_every: int = 50, shuffle_s
 
     Needs the Ray cluster to be up (prepare tokenizes with Ray Data).
     """
-    from raypatch.data import load_manifest
-    from raypatch.prepare import file_sha256, prepare, train_tokenizer
+    from raypatch.prepare import prepare, train_tokenizer
+    from raypatch.shards import file_sha256, load_manifest
 
     src = corpus_subset(corpus, num_docs, shuffle_seed=shuffle_seed)
     tag = f"{src.name.split('.')[0]}-v{vocab_size}" + (f"-val{val_every}" if val_every != 50 else "")

@@ -1,6 +1,6 @@
 """Cost of a full patch-level run (K=4, λ=2/3) against a token-only run on the same data, in one invocation.
 
-Both runs go through raypatch.train.fit (Ray Train + DeepSpeed ZeRO-2, 2 CPU workers, fp32) with the demo preset's
+Both runs go through raypatch.driver.fit (Ray Train + DeepSpeed ZeRO-2, 2 CPU workers, fp32) with the demo preset's
 model on the same shards (python-3.11-docs, BPE of the model's vocabulary) and the same data.max_tokens = D:
 the token-only run trains D tokens at token level; the patch run trains λ·D at patch level (blocks of K·T tokens
 read as T patches) and (1-λ)·D at token level, with the same tokens per optimizer step in both phases.
@@ -48,8 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(cfg: Any) -> dict[str, Any]:
+    from raypatch.driver import fit
     from raypatch.metrics import read_metrics
-    from raypatch.train import fit
 
     t = time.perf_counter()
     s = fit(cfg, export=False)
@@ -149,7 +149,7 @@ def report(res: dict[str, Any]) -> str:
 
     n_tok = sum(1 for x in runs if x["kind"] == "token")
     lines = [f"Machine: {res['machine']}; {C.SHARED_BOX}.",
-             f"Every run: raypatch.train.fit, Ray Train + DeepSpeed ZeRO-{res['zero_stage']}, {res['workers']} CPU "
+             f"Every run: raypatch.driver.fit, Ray Train + DeepSpeed ZeRO-{res['zero_stage']}, {res['workers']} CPU "
              f"workers, fp32, the demo preset's model ({runs[0]['params']:,} parameters, T=128, 4,096 tokens per "
              f"optimizer step), the same shards and data.max_tokens = {res['data_tokens']:,}. Patch run: "
              f"K={res['k']}, λ={res['lam']:.3g}. Evaluation only at the switch and the end, checkpoints only there, "

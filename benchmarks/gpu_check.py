@@ -49,45 +49,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-# --- fallbacks when raypatch.train cannot be imported (it pulls in pyarrow through raypatch.data) -------------
-
-
 def trainer_parts() -> tuple[Any, Any, Any, str]:
-    """raypatch.train's PatchLM, deepspeed_config and param_groups; local mirrors of them if it does not import."""
-    try:
-        from raypatch.train import PatchLM, deepspeed_config, param_groups
+    """The trainer's own PatchLM, deepspeed_config and param_groups (raypatch.model and raypatch.optim import
+    neither Ray nor pyarrow)."""
+    from raypatch.model import PatchLM
+    from raypatch.optim import deepspeed_config, param_groups
 
-        return PatchLM, deepspeed_config, param_groups, "raypatch.train"
-    except ImportError as e:
-        import torch
-
-        from raypatch.model import lm_loss
-
-        class PatchLMLocal(torch.nn.Module):
-            def __init__(self, hf: torch.nn.Module) -> None:
-                super().__init__()
-                self.hf = hf
-
-            def forward(self, input_ids: torch.Tensor, k: int) -> torch.Tensor:
-                return lm_loss(self.hf, input_ids, k)
-
-        def ds_config(cfg: Any, grad_accum: int, world: int) -> dict[str, Any]:
-            o = cfg.optim
-            return {"train_micro_batch_size_per_gpu": o.micro_batch_size, "gradient_accumulation_steps": grad_accum,
-                    "train_batch_size": o.micro_batch_size * grad_accum * world, "gradient_clipping": o.grad_clip,
-                    "zero_optimization": {"stage": cfg.scale.zero_stage},
-                    "bf16": {"enabled": cfg.scale.precision == "bf16"},
-                    "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
-                                                              "weight_decay": o.weight_decay, "torch_adam": True}},
-                    "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
-
-        def groups(model: torch.nn.Module, wd: float) -> list[dict[str, Any]]:
-            decay, no = [], []
-            for n, p in model.named_parameters():
-                (no if p.ndim < 2 or "norm" in n.lower() else decay).append(p)
-            return [{"params": decay, "weight_decay": wd}, {"params": no, "weight_decay": 0.0}]
-
-        return PatchLMLocal, ds_config, groups, f"local mirror (raypatch.train did not import: {e})"
+    return PatchLM, deepspeed_config, param_groups, "raypatch.model + raypatch.optim"
 
 
 # --- sections --------------------------------------------------------------------------------------------------
@@ -155,7 +123,7 @@ def throughput(cfg: Any, device: Any, args: argparse.Namespace, peak: float) -> 
             torch.cuda.synchronize()
 
     for phase, kk, ga in (("token", 1, ga_token), ("patch", k, ga_token // k)):
-        engine.set_train_batch_size(mb * ga)  # as raypatch.train.start_phase: the micro-batch stays, GA changes
+        engine.set_train_batch_size(mb * ga)  # as raypatch.optim.start_phase: the micro-batch stays, GA changes
         batches = [torch.randint(0, cfg.model.vocab_size, (mb, kk * t), generator=g).to(device) for _ in range(ga)]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

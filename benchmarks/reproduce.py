@@ -1,6 +1,6 @@
-"""The paper's claims at toy scale (Shao et al., ICLR 2025), on real text, through raypatch.train.fit.
+"""The paper's claims at toy scale (Shao et al., ICLR 2025), on real text, through raypatch.driver.fit.
 
-Every run is a complete raypatch.train.fit (Ray Train + DeepSpeed ZeRO-2 on CPU workers) of a fixed-size config
+Every run is a complete raypatch.driver.fit (Ray Train + DeepSpeed ZeRO-2 on CPU workers) of a fixed-size config
 built with raypatch.config.apply_overrides on a preset, on shards of the Python 3.11 docs, scored by token-level
 (K=1) validation loss on the docs' held-out split and on WikiText-103 test documents (eval.wikitext). One Ray
 cluster serves the whole script; runs that two experiments share (same data plan and seed) are trained once.
@@ -124,8 +124,8 @@ class Registry:
         return run
 
     def fit_all(self, load: Any = None) -> None:
+        from raypatch.driver import fit
         from raypatch.metrics import read_metrics
-        from raypatch.train import fit
 
         todo = [r for r in self.runs.values() if not r.result]
         for i, r in enumerate(todo):

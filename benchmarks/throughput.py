@@ -9,7 +9,7 @@ phase, the data pipeline's share of step time, and raypatch against a plain PyTo
 2. Data wait through the real packer: raypatch.data.worker_dataset(...).iter_batches feeding the same plain loop;
    time blocked in next() ÷ step time, per phase, after the first steps (pipeline start reported apart).
    Target <= 2%. The trainer's own perf/data_wait from (3) is listed too.
-3. raypatch.train.fit with one worker (Ray Train + DeepSpeed ZeRO-2, fp32; patch phase K=4 then token phase), its
+3. raypatch.driver.fit with one worker (Ray Train + DeepSpeed ZeRO-2, fp32; patch phase K=4 then token phase), its
    perf/tokens_per_s from metrics.jsonl without each phase's first log window; against the Hugging Face Trainer
    (same model config, batch, data, AdamW, clip and schedule; no eval, no saving, report_to=[], use_cpu=True) in
    the token phase (target raypatch ÷ HF >= 1.0), and against the plain loop in both phases (target >= 0.9).
@@ -70,7 +70,7 @@ class PlainLoop:
         import torch
 
         from raypatch.model import build_model
-        from raypatch.train import param_groups
+        from raypatch.optim import param_groups
 
         o = cfg.optim
         self.k, self.tps, self.mb = k, o.tokens_per_step, o.micro_batch_size
@@ -194,7 +194,7 @@ def phase_rates(metrics_path: Path, tps: int) -> dict[str, dict[str, Any]]:
 
 def run_raypatch(cfg: Any, steps: int, threads: int, tmp: Path, zero_stage: int = 2) -> dict[str, Any]:
     from raypatch.config import apply_overrides
-    from raypatch.train import fit
+    from raypatch.driver import fit
 
     tps = cfg.optim.tokens_per_step
     fcfg = apply_overrides(cfg, [
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         # 3. raypatch (1 worker) and the HF Trainer
         if not args.skip_fit:
-            print("\n[3a] raypatch.train.fit, 1 worker (Ray Train + DeepSpeed ZeRO-2), K=4 λ=1/2", flush=True)
+            print("\n[3a] raypatch.driver.fit, 1 worker (Ray Train + DeepSpeed ZeRO-2), K=4 λ=1/2", flush=True)
             result["raypatch"] = run_raypatch(cfg, args.fit_steps, args.threads, tmp)
             for ph, v in result["raypatch"]["phases"].items():
                 print(f"  {ph}: {v['tokens_per_s']:,.0f} tok/s, data-wait {v['data_wait']:.2%}", flush=True)
@@ -432,7 +432,7 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
                      f"{w['step_s_mean']:.3f}", f"{w['wait_ms_per_step']:.2f}", f"{w['fraction_steady']:.2%}",
                      f"{w['fraction_all']:.2%}", C.verdict(w["fraction_steady"] <= 0.02, "≤2%")])
     for ph, v in (res.get("raypatch") or {}).get("phases", {}).items():
-        rows.append([f"raypatch.train.fit 1 worker, {ph} phase", f"{v['windows']} log windows", "-", "-",
+        rows.append([f"raypatch.driver.fit 1 worker, {ph} phase", f"{v['windows']} log windows", "-", "-",
                      f"{v['data_wait']:.2%}", f"{v['first_window_data_wait']:.2%} (first window)",
                      C.verdict(v["data_wait"] <= 0.02, "≤2%")])
     lines.append(C.md_table(["where", "steps", "step s", "wait ms/step", "data-wait (steady)",
@@ -457,7 +457,7 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
     rp = (res.get("raypatch") or {}).get("phases", {})
     for ph in ("patch", "token"):
         if ph in rp:
-            rows.append([f"raypatch.train.fit, 1 worker, Ray Train + DeepSpeed ZeRO-2 ({rp[ph]['windows']} log "
+            rows.append([f"raypatch.driver.fit, 1 worker, Ray Train + DeepSpeed ZeRO-2 ({rp[ph]['windows']} log "
                          f"windows after the first)", "patch K=4" if ph == "patch" else "token",
                          f"{rp[ph]['tokens_per_s']:,.0f}"])
     rz = (res.get("raypatch_zero1") or {}).get("phases", {})

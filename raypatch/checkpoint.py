@@ -29,6 +29,8 @@ import os
 import pickle
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,51 @@ from raypatch.safety import (
 META = "meta.json"
 TAG = "ds"
 VERSION = 1
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: the checkpoint's schema (meta.json "state"), the run's result and what tune,
+    benchmarks and tests read back. Per-phase counters are keyed by phase name, "patch" and "token"."""
+
+    phase: int = 0
+    """Index of the current phase in the run's plans; len(plans) once the run is complete."""
+    step_in_phase: int = 0
+    """Optimizer steps done in the current phase."""
+    global_step: int = 0
+    """Optimizer steps done in the run."""
+    cursor: int = 0
+    """Blocks of the current phase already trained; the packer re-splits what follows over the workers."""
+    tokens: dict[str, int] = field(default_factory=lambda: {"patch": 0, "token": 0})
+    """Stream tokens trained per phase."""
+    positions: dict[str, int] = field(default_factory=lambda: {"patch": 0, "token": 0})
+    """Model positions run per phase (tokens / K): the compute."""
+    seconds: dict[str, float] = field(default_factory=lambda: {"patch": 0.0, "token": 0.0})
+    """Training wall-clock per phase (steps only)."""
+    flops: float = 0.0
+    """Training FLOPs so far."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items() if k in known})
+
+    def advance(self, phase: str, k: int, tokens: int, flops: float, seconds: float, blocks_per_step: int) -> None:
+        """After one optimizer step of `tokens` tokens in a phase of patch size k."""
+        self.step_in_phase += 1
+        self.global_step += 1
+        self.cursor = self.step_in_phase * blocks_per_step
+        self.tokens[phase] += tokens
+        self.positions[phase] += tokens // k
+        self.flops += flops
+        self.seconds[phase] += seconds
+
+    def next_phase(self, phase: int) -> None:
+        """The switch: the checkpoint saved at it already points at step 0 of the next phase."""
+        self.phase, self.step_in_phase, self.cursor = phase, 0, 0
 
 
 def model_signature(model_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -127,6 +174,81 @@ def check_compatible(meta: dict[str, Any], *, config: dict[str, Any], tokenizer_
     if meta["plan"] != plan:
         raise InputError(f"checkpoint {where} was made with another data plan (patch.k, patch.lam, data.seq_len, "
                          f"data.max_tokens or optim.tokens_per_step changed); resuming would break the data cursor")
+
+
+def save_and_report(engine: Any, *, rank: int, meta: dict[str, Any], metrics: dict[str, Any],
+                    say: Callable[[str], None]) -> None:
+    """Collective: every rank writes its part to a local temporary directory, then `ray.train.report` uploads
+    it as checkpoint-<global step> (registered once every rank reported). The local copy is removed after."""
+    import ray.train
+    import torch.distributed as dist
+
+    name = f"checkpoint-{meta['state']['global_step']:07d}"
+    d = save_local(engine, rank=rank, meta=meta)
+    try:
+        if rank == 0:  # an unregistered upload of an earlier attempt may hold this name (module docstring)
+            storage = ray.train.get_context().get_storage()
+            if clear_stale(storage.storage_filesystem, storage.build_checkpoint_path_from_name(name)):
+                say(f"removed {name} left unregistered by an earlier attempt; saving it anew")
+        dist.barrier()  # nobody uploads before the stale directory is gone
+        ray.train.report({**metrics, "checkpoint": name}, checkpoint=ray.train.Checkpoint.from_directory(str(d)),
+                         checkpoint_dir_name=name)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@dataclass
+class Resume:
+    """The checkpoint a (re)started worker group continues from, as a local copy."""
+
+    state: TrainState
+    dir: Path | None = None
+    tag: str = TAG
+    """'ds', or 'ds_universal' when the checkpoint was written at another data-parallel size."""
+    where: str = ""
+
+    def load_into(self, engine: Any, rank: int) -> None:
+        """Load weights, optimizer and RNG through the restricted unpickler (DeepSpeed's own loader would
+        unpickle with weights_only=False)."""
+        if self.dir is None:
+            return
+        try:
+            with restricted_torch_load():
+                engine.load_checkpoint(str(self.dir), tag=self.tag, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+            restore_rng(self.dir, rank)
+        except pickle.UnpicklingError as e:
+            raise unpickle_error(e, self.where) from None
+
+
+@contextlib.contextmanager
+def checkpoint_to_resume(identity: dict[str, Any], world_size: int, say: Callable[[str], None]) -> Iterator[Resume]:
+    """Ray Train's latest checkpoint for this run, checked against the run's `identity` (the meta fields
+    besides the state) and copied to a temporary directory that is removed on exit, also on error. A fresh
+    run gets a Resume with a new TrainState and no directory."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        yield Resume(TrainState())
+        return
+    local = Path(tempfile.mkdtemp(prefix="raypatch-resume-"))
+    try:
+        ckpt.to_directory(str(local))
+        meta = load_meta(local)
+        check_compatible(meta, config=identity["config"], tokenizer_fingerprint=identity["tokenizer_fingerprint"],
+                         plan=identity["plan"], shards=identity["shards_id"], where=str(ckpt.path))
+        check_shards(local, meta["world_size"])
+        tag = TAG
+        if meta["world_size"] != world_size:
+            # ZeRO shards only load at the data-parallel size that wrote them: convert to DeepSpeed's universal
+            # checkpoint, which loads at any size. The data cursor needs nothing: it counts blocks, not ranks.
+            tag = to_universal(local)
+            say(f"resizing: checkpoint written by {meta['world_size']} workers, resuming on {world_size} "
+                f"(universal checkpoint; gradient accumulation recomputed, tokens per step unchanged)")
+        yield Resume(TrainState.from_dict(meta["state"]), local, tag, str(ckpt.path))
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 def clear_stale(fs: Any, path: str) -> bool:

@@ -9,121 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from raypatch.config import Config, load_config
+from raypatch.cluster import init_ray, quiet_env
+from raypatch.presets import load_config
 from raypatch.safety import InputError, check_name
-
-CORPUS_DIR = Path(__file__).parent / "corpus"
-DEFAULT_CORPUS = CORPUS_DIR / "python-docs-sample.jsonl.gz"
-DEFAULT_WIKITEXT = CORPUS_DIR / "wikitext103-test-sample.jsonl.gz"
-
-
-def quiet_env() -> None:
-    for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
-                 "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
-        os.environ.setdefault(k, v)
-
-
-def init_ray(num_cpus: int | None = None) -> None:
-    """Attach to the cluster in RAY_ADDRESS (e.g. under `ray job submit`), else start a private local one.
-
-    A local cluster gets more logical CPUs than Train workers take, so Ray Data's read tasks always have room
-    (with every CPU held by Train workers, Ray Data waits forever). The dashboard binds to 127.0.0.1.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:
-        start_local_ray(num_cpus or max(4, (os.cpu_count() or 2) + 2))
-
-
-def start_local_ray(num_cpus: int, *, log_to_driver: bool = True) -> None:
-    """Start a private local Ray cluster, its dashboard on 127.0.0.1 at a free port of its own.
-
-    RAY_API_SERVER_ADDRESS (unless already set) points this cluster's processes, which inherit the driver's
-    environment, at that dashboard. Without it, Ray Train V2's placement-group cleaner looks the Train controller
-    up through the State API of whichever Ray instance it finds on the host; with a second cluster on the same
-    machine it can ask the wrong one, take the controller for dead and remove a healthy run's placement group.
-    The variable also overrides the address of any JobSubmissionClient or State API call made from this
-    process, which then reach this cluster.
-    """
-    import socket
-
-    # Every port of a private cluster on loopback: with ENABLE_RAY_CLUSTER off (Ray's own single-machine mode,
-    # the default on macOS and Windows) the node IP is 127.0.0.1 and the GCS, raylet, workers, dashboard agent,
-    # runtime-env agent and metrics servers all bind to it (measured: 14 sockets on all interfaces before,
-    # none after). `_node_ip_address="127.0.0.1"` does not do it: Ray swaps a localhost value for the host's IP.
-    # Ray reads the variable at import; the constant covers a process that imported ray already.
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import ray
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    port = None
-    if not os.environ.get("RAY_API_SERVER_ADDRESS"):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, log_to_driver=log_to_driver, logging_level="warning")
-
-
-def ensure_default_data(cfg: Config) -> Config:
-    """With no data.shards, tokenize the embedded corpus once (a BPE of model.vocab_size) and use it."""
-    from raypatch.config import apply_overrides
-    from raypatch.data import load_manifest
-    from raypatch.prepare import file_sha256, prepare, train_tokenizer
-
-    overrides = []
-    if not cfg.eval.wikitext and DEFAULT_WIKITEXT.exists():
-        overrides.append(f"eval.wikitext={DEFAULT_WIKITEXT}")
-    if not cfg.data.shards:
-        out = Path(cfg.checkpoint.storage_path).expanduser().resolve() / "data" / f"default-v{cfg.model.vocab_size}"
-        fresh = False
-        try:
-            m = load_manifest(str(out))
-            fresh = m["sources"][0]["sha256"] == file_sha256(DEFAULT_CORPUS) and m.get("shuffle_seed") == 0
-        except (ValueError, KeyError, IndexError):
-            fresh = False
-        if not fresh:
-            print(f"preparing the embedded corpus {DEFAULT_CORPUS.name} -> {out}", flush=True)
-            tok = train_tokenizer([str(DEFAULT_CORPUS)], str(out.parent / f"tokenizer-v{cfg.model.vocab_size}"),
-                                  vocab_size=cfg.model.vocab_size, overwrite=True)
-            # Shuffled: the sample lists documents in path order (FAQ, HOWTOs, reference, tutorial, library a-o),
-            # so in order the patch and token phases would read different parts of the documentation.
-            prepare([str(DEFAULT_CORPUS)], tok, str(out), overwrite=True, val_every=20, shuffle_seed=0)
-        overrides.append(f"data.shards={out}")
-    return apply_overrides(cfg, overrides) if overrides else cfg
-
-
-def train_command(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
-    """`raypatch train`: the run in cfg, and with compare_baseline the token-only run on the same data."""
-    from raypatch.config import apply_overrides
-    from raypatch.metrics import plot_runs
-    from raypatch.train import comparison_table, fit, run_dir_of
-
-    cfg = ensure_default_data(cfg)
-    runs = []
-    if cfg.compare_baseline and cfg.patch.lam > 0:
-        base = apply_overrides(cfg, ["patch.lam=0", f"checkpoint.name={cfg.checkpoint.name}-token-only"])
-        runs.append(("token-only", base))
-    runs.append((f"patch K={cfg.patch.k} λ={cfg.patch.lam:.3g}", cfg))
-    results = []
-    for label, c in runs:
-        print(f"\n=== {label}: run {run_dir_of(c)}", flush=True)
-        results.append((label, fit(c)))
-    table = comparison_table(results)
-    print("\n" + table, flush=True)
-    if len(results) > 1:
-        out = run_dir_of(cfg)
-        png = plot_runs({label: Path(s["run_dir"]) / "metrics.jsonl" for label, s in results},
-                        out / "comparison.png", title="token-level validation loss vs compute")
-        (out / "comparison.md").write_text(table + "\n")
-        print(f"\nplot: {png}\ntable: {out / 'comparison.md'}", flush=True)
-    return results
 
 
 def tune_command(args: argparse.Namespace) -> dict[str, Path]:
@@ -137,7 +25,9 @@ def tune_command(args: argparse.Namespace) -> dict[str, Path]:
         raise InputError(f"--budget {args.budget:g}: must be > 0")
     if args.rungs < 1 or args.eta < 2 or args.num_samples < 1 or args.concurrency < 0:
         raise InputError("--rungs must be >= 1, --eta >= 2, --num-samples >= 1 and --concurrency >= 0")
-    base = ensure_default_data(load_config(args.config, args.set))
+    from raypatch.driver import default_data
+
+    base = default_data(load_config(args.config, args.set))
     space = tune.parse_space(args.space)
     fpp = tune.model_flops_per_position(base) if args.flops else None
     init_ray()
@@ -177,11 +67,10 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
 def evaluate_model(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     import math
 
-    import torch
     from transformers import AutoModelForCausalLM
 
     from raypatch.data import TokenStream, text_rows, val_rows
-    from raypatch.model import lm_loss
+    from raypatch.model import lm_loss, loss_sum
 
     if not (model_dir / "config.json").exists():
         raise InputError(f"--model {args.model}: neither an HF model directory nor a raypatch checkpoint")
@@ -203,12 +92,10 @@ def evaluate_model(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     if not sets:
         raise InputError("evaluate: give --shards and/or --text")
     out: dict[str, Any] = {"model": str(model_dir), "seq_len": seq_len}
-    with torch.no_grad():
-        for name, rows in sets.items():
-            losses = [float(lm_loss(model, torch.from_numpy(rows[i:i + 8]).long(), 1)) * len(rows[i:i + 8])
-                      for i in range(0, len(rows), 8)]
-            loss = sum(losses) / max(1, len(rows))
-            out[name] = {"rows": len(rows), "loss": loss, "ppl": math.exp(min(loss, 50.0))}
+    for name, rows in sets.items():
+        total, count = loss_sum(lambda ids: lm_loss(model, ids, 1), rows, micro_batch=8)
+        loss = total / max(1, count)
+        out[name] = {"rows": count, "loss": loss, "ppl": math.exp(min(loss, 50.0))}
     return out
 
 
@@ -349,8 +236,10 @@ def run_command(args: argparse.Namespace) -> None:
 
             print(to_yaml(cfg))
             return
+        from raypatch.driver import train_and_compare
+
         init_ray()
-        train_command(cfg)
+        train_and_compare(cfg)
     elif args.cmd == "tune":
         tune_command(args)
     elif args.cmd == "plan":

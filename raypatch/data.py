@@ -18,7 +18,6 @@ Ray Data has no resume of a stream mid-epoch (Ray issues 37633, 48224), and stre
 from __future__ import annotations
 
 import bisect
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -29,98 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raypatch.prepare import FORMAT, MANIFEST, OLD_FORMATS, file_sha256, manifest_checksum, tokens_hash
 from raypatch.safety import InputError
-
-
-def load_manifest(shards_dir: str, *, verify: str = "size") -> dict[str, Any]:
-    """Read manifest.json and check it against the shards on disk.
-
-    verify='size': the manifest's checksum and every shard's size (cheap: the packer checks each row group's
-    hash as it reads it). 'meta' adds each shard's Parquet footer: the column type, the row groups and their
-    token counts (the driver runs it once before any worker starts). 'full' also hashes every shard.
-    A format-1 set (before row-group hashes) is hashed in full under 'meta'.
-    """
-    d = Path(shards_dir)
-    path = d / MANIFEST
-    if not d.is_dir():
-        raise InputError(f"data.shards={shards_dir}: no such directory (make one with `raypatch prepare`)")
-    if not path.exists():
-        raise InputError(f"data.shards={shards_dir}: no {MANIFEST} (make one with `raypatch prepare`)")
-    try:
-        m = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({getattr(e, 'msg', e)})") from None
-    if not isinstance(m, dict) or m.get("format") not in (FORMAT, *OLD_FORMATS):
-        got = m.get("format") if isinstance(m, dict) else type(m).__name__
-        raise InputError(f"{path}: format {got!r}, expected {FORMAT!r} (rerun `raypatch prepare`)")
-    if m["format"] == FORMAT and m.get("checksum") != manifest_checksum(m):
-        raise InputError(f"{path}: edited after `raypatch prepare` (its checksum does not match its content); "
-                         f"rerun prepare rather than editing the manifest")
-    try:
-        _check_manifest_shape(m)
-    except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
-    legacy = m["format"] != FORMAT
-    for split in m["splits"].values():
-        for s in split["shards"]:
-            f = d / s["file"]
-            if not f.is_file():
-                raise InputError(f"shard {f}: listed in the manifest but missing on disk")
-            size = f.stat().st_size
-            if size != s["bytes"]:
-                raise InputError(f"shard {f}: {size} bytes on disk, the manifest says {s['bytes']} "
-                                 f"(the shards changed since `raypatch prepare`; rerun it)")
-            if verify == "meta":
-                check_shard_footer(f, s)
-            if (verify == "full" or (legacy and verify == "meta")) and file_sha256(f) != s["sha256"]:
-                raise InputError(f"shard {f}: sha256 differs from the manifest (the shards changed since "
-                                 f"`raypatch prepare`; rerun it)")
-    return m
-
-
-def _check_manifest_shape(m: dict[str, Any]) -> None:
-    if "train" not in m["splits"]:
-        raise KeyError("splits.train")
-    int(m["tokenizer"]["vocab_size"])
-    str(m["tokenizer"]["fingerprint"])
-    for name, split in m["splits"].items():
-        total = 0
-        for s in split["shards"]:
-            rg = [int(x) for x in s["row_group_tokens"]]
-            if sum(rg) != int(s["tokens"]) or any(x <= 0 for x in rg):
-                raise ValueError(f"shard {s['file']}: row_group_tokens do not add up to its {s['tokens']} tokens")
-            if "row_group_hashes" in s and len(s["row_group_hashes"]) != len(rg):
-                raise ValueError(f"shard {s['file']}: one hash per row group expected")
-            if Path(s["file"]).name != s["file"]:
-                raise ValueError(f"shard file {s['file']!r} is not a plain file name")
-            total += int(s["tokens"])
-        if total != int(split["tokens"]):
-            raise ValueError(f"split {name}: its shards hold {total} tokens, the manifest says {split['tokens']}")
-
-
-def check_shard_footer(path: Path, s: dict[str, Any]) -> None:
-    """A shard's Parquet footer against its manifest entry: list<int32> ids, row groups and their token
-    counts. Reads only the footer."""
-    try:
-        pf = pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as e:
-        raise InputError(f"shard {path}: not a readable Parquet file ({e})") from None
-    schema = pf.schema_arrow
-    if "input_ids" not in schema.names:
-        raise InputError(f"shard {path}: no column 'input_ids' (columns: {', '.join(schema.names)})")
-    t = schema.field("input_ids").type
-    if t != pa.list_(pa.int32()):
-        raise InputError(f"shard {path}: column 'input_ids' has type {t}, expected list<int32> token ids")
-    if pf.num_row_groups != len(s["row_group_tokens"]):
-        raise InputError(f"shard {path}: {pf.num_row_groups} row groups on disk, the manifest says "
-                         f"{len(s['row_group_tokens'])} (rerun `raypatch prepare`)")
-    col = schema.names.index("input_ids")
-    for g, n in enumerate(s["row_group_tokens"]):
-        have = pf.metadata.row_group(g).column(col).num_values
-        if have != n:
-            raise InputError(f"shard {path}: row group {g} holds {have} tokens, the manifest says {n} "
-                             f"(rerun `raypatch prepare`)")
+from raypatch.shards import check_shard_footer, load_manifest, tokens_hash
 
 
 class TokenStream:
@@ -375,23 +284,10 @@ def worker_dataset(plan: PhasePlan, shards_dir: str, rank: int, world: int, star
                    "world": world, "start_block": start_block, "end_block": end})
 
 
-def check_vocab(manifest: dict[str, Any], vocab_size: int, source: str) -> None:
-    """The tokenizer behind the shards must fit the model's embedding table."""
-    n = manifest["tokenizer"]["vocab_size"]
-    if n > vocab_size:
-        raise InputError(f"{source}: the shards' tokenizer has {n} tokens, more than model.vocab_size={vocab_size}"
-                         f" (token ids >= {vocab_size} would index past the embedding table)")
-
-
 def val_rows(stream: TokenStream, seq_len: int, max_rows: int) -> np.ndarray:
     """Up to max_rows consecutive rows of T tokens from the start of a split: (N, T) int32."""
     n = min(max_rows, stream.total_tokens // seq_len)
     return stream.read(0, n * seq_len).reshape(n, seq_len)
-
-
-def tokenizer_dir(shards_dir: str, manifest: dict[str, Any]) -> str:
-    """The copy of the tokenizer that `raypatch prepare` stores beside the shards."""
-    return str(Path(shards_dir) / manifest["tokenizer"].get("dir", "tokenizer"))
 
 
 def text_rows(path: str, tokenizer: str, seq_len: int, max_rows: int, text_field: str = "text") -> np.ndarray:
@@ -409,3 +305,7 @@ def text_rows(path: str, tokenizer: str, seq_len: int, max_rows: int, text_field
             break
     n = min(max_rows, len(ids) // seq_len)
     return np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
+
+
+def plan_dicts(plans: list[PhasePlan]) -> list[dict[str, Any]]:
+    return [p.to_dict() for p in plans]

@@ -123,3 +123,41 @@ def plot_runs(runs: dict[str, str | Path], out_png: str | Path, title: str = "")
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+class ThroughputWindow:
+    """Tokens, data-wait and time since the last log line; time spent on evaluation and checkpoints is left
+    out, so tokens/s and MFU count training only."""
+
+    def __init__(self, peak_flops_total: float, flops_per_position: float) -> None:
+        self.peak, self.flops_per_position = peak_flops_total, flops_per_position
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0, self.wait, self.tokens, self.excluded = time.perf_counter(), 0.0, 0, 0.0
+
+    def rates(self, k: int) -> dict[str, float]:
+        """perf/* metrics of the window for a phase of patch size k; then starts a new window."""
+        dt = time.perf_counter() - self.t0 - self.excluded
+        out = {"perf/tokens_per_s": self.tokens / dt, "perf/positions_per_s": self.tokens / k / dt,
+               "perf/mfu": self.tokens / k * self.flops_per_position / dt / self.peak,
+               "perf/data_wait": self.wait / dt}
+        self.reset()
+        return out
+
+
+def log_due(every: int, global_step: int, last: bool) -> bool:
+    return global_step % every == 0 or last
+
+
+def eval_due(every_steps: int, global_step: int, last: bool) -> bool:
+    """Token-level validation: every `eval.every_steps` steps and at the end of each phase."""
+    return last or bool(every_steps and global_step % every_steps == 0)
+
+
+def checkpoint_due(cfg: Any, global_step: int, tokens_since: int, last: bool) -> bool:
+    """At the end of each phase, every `checkpoint.every_steps` steps and every `checkpoint.every_tokens`
+    tokens (the minutes rule needs rank 0's clock: train.checkpoint_minutes_due)."""
+    c = cfg.checkpoint
+    return (last or bool(c.every_steps and global_step % c.every_steps == 0)
+            or bool(c.every_tokens and tokens_since >= c.every_tokens))

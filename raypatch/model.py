@@ -89,3 +89,28 @@ def check_token_ids(input_ids: Any, vocab_size: int, where: str | Callable[[], s
         where = where() if callable(where) else where  # built only on error: this runs every micro-batch
         raise ValueError(f"{where}: token id {hi if hi >= vocab_size else lo} is outside the model's "
                          f"vocabulary [0, {vocab_size}) (model.vocab_size)")
+
+
+class PatchLM(torch.nn.Module):
+    """Wraps the HF model so that DeepSpeed's forward computes the phase's loss; weights stay under `hf.`."""
+
+    def __init__(self, hf: torch.nn.Module) -> None:
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, input_ids: torch.Tensor, k: int) -> torch.Tensor:
+        return lm_loss(self.hf, input_ids, k)
+
+
+def loss_sum(forward: Callable[[torch.Tensor], torch.Tensor], rows: Any, micro_batch: int,
+             device: Any = "cpu") -> tuple[float, int]:
+    """Sum of per-row mean losses and the row count over `rows` ((N, T) token ids), `micro_batch` rows per
+    forward; `forward(ids)` returns a batch's mean loss. The trainer's evaluation and `raypatch evaluate` both
+    score through this."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows), micro_batch):
+            ids = torch.as_tensor(rows[i:i + micro_batch]).long().to(device)
+            total += float(forward(ids).double()) * len(ids)
+            count += len(ids)
+    return total, count

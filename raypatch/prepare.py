@@ -39,11 +39,8 @@ from raypatch.safety import (
     find_input_error,
     replace_dir,
 )
+from raypatch.shards import FORMAT, MANIFEST, file_sha256, manifest_checksum, shard_set_files, shards_id, tokens_hash
 
-MANIFEST = "manifest.json"
-FORMAT = "raypatch-shards/2"
-"""Version 2 adds a hash per row group, the list of files the set holds and a checksum of the manifest."""
-OLD_FORMATS = ("raypatch-shards/1",)
 SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 EOS = "<|endoftext|>"
 PIECE_CHARS = 1 << 20
@@ -130,50 +127,6 @@ def iter_documents(path: str, text_field: str = "text") -> Iterator[str]:
                     yield t or ""
     except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, pa.ArrowInvalid) as e:
         raise InputError(f"{path}: cannot be decoded ({type(e).__name__}: {e})") from None
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def tokens_hash(values: np.ndarray) -> str:
-    """Hash of one row group's decoded token values (int32): checked each time the packer reads it, so a
-    flipped bit anywhere in a shard stops training at the row group it hits, at the cost of one pass of
-    BLAKE2 over data that is being read anyway (about 1 GB/s)."""
-    return hashlib.blake2b(np.ascontiguousarray(values, dtype=np.int32).tobytes(), digest_size=16).hexdigest()
-
-
-def manifest_checksum(m: dict[str, Any]) -> str:
-    """SHA-256 of the manifest without its own checksum: any edit of the file after prepare shows."""
-    body = {k: v for k, v in m.items() if k != "checksum"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def shards_id(m: dict[str, Any]) -> str:
-    """The identity of a shard set's content: its tokenizer and every shard's name and SHA-256, in order.
-    Recorded in checkpoints, so that a run never resumes its data cursor on a different stream."""
-    body = {"tokenizer": m["tokenizer"]["fingerprint"],
-            "splits": {k: [[s["file"], s["sha256"]] for s in v["shards"]] for k, v in sorted(m["splits"].items())}}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def shard_set_files(d: Path) -> set[str]:
-    """What a shard set directory holds that raypatch wrote: its manifest's file list (format 2), or for
-    format 1 the manifest, its shards and the tokenizer copy."""
-    try:
-        m = json.loads((d / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return set()
-    if not isinstance(m, dict) or m.get("format") not in (FORMAT, *OLD_FORMATS):
-        return set()
-    if isinstance(m.get("files"), list):
-        return {MANIFEST, *map(str, m["files"])}
-    own = {MANIFEST} | {s["file"] for v in m.get("splits", {}).values() for s in v.get("shards", [])}
-    return own | {f"tokenizer/{f}" for f in (files_under(d / "tokenizer") if (d / "tokenizer").is_dir() else [])}
 
 
 # --- tokenizers ------------------------------------------------------------------------------------

@@ -1,8 +1,12 @@
-"""Named configs as plain functions; each returns a validated Config."""
+"""Named configs as plain functions (each returns a validated Config), and `load_config`: a preset or a YAML
+file, then dotted overrides."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from raypatch.config import (
     CheckpointConfig,
@@ -13,6 +17,8 @@ from raypatch.config import (
     OptimConfig,
     PatchConfig,
     ScaleConfig,
+    _fail,
+    apply_overrides,
 )
 
 
@@ -71,3 +77,66 @@ def get(name: str) -> Config:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
     return PRESETS[name]()
+
+
+def load_config(source: str, overrides: list[str] | None = None) -> Config:
+    """A preset name or a YAML file (which may name a base `preset:`), then dotted overrides."""
+    path = Path(source)
+    flat: list[str] = []
+    if source in PRESETS:
+        cfg = get(source)
+    elif path.suffix in (".yaml", ".yml", ".json") and path.exists():
+        try:
+            if path.suffix == ".json":
+                d = json.loads(path.read_text())
+            else:
+                import yaml
+
+                d = yaml.safe_load(path.read_text()) or {}
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"config file {path}: not valid JSON ({e})") from None
+        except Exception as e:  # yaml.YAMLError: its message spans lines and points at the problem
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"config file {path}: not valid YAML{where} "
+                             f"({getattr(e, 'problem', None) or type(e).__name__})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"config file {path}: expected a mapping at the top level")
+        base = d.pop("preset", None)
+        if base is not None and base not in PRESETS:
+            raise ValueError(f"config file {path}: unknown preset {base!r} (known: {', '.join(PRESETS)})")
+        cfg = get(base) if base else Config()
+        flat = [f"{k}={v}" for k, v in _flatten(d, source=str(path))]
+    elif path.suffix in (".yaml", ".yml", ".json"):
+        raise ValueError(f"config file {source}: not found")
+    else:
+        raise ValueError(f"unknown preset {source!r} (known: {', '.join(PRESETS)}; or a .yaml file)")
+    # File values and command-line overrides are applied together, so that the combination is validated
+    # once (a file may set K while the command line fixes tokens_per_step to match).
+    return absolute_paths(apply_overrides(cfg, flat + list(overrides or [])))
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Resolve relative paths against the current directory: Ray workers and Tune trials run elsewhere."""
+    fixes = []
+    for key, value in (("data.shards", cfg.data.shards), ("eval.wikitext", cfg.eval.wikitext),
+                       ("checkpoint.storage_path", cfg.checkpoint.storage_path)):
+        if value and "://" not in value and not Path(value).expanduser().is_absolute():
+            fixes.append(f"{key}={Path(value).expanduser().resolve()}")
+        elif value.startswith("~"):
+            fixes.append(f"{key}={Path(value).expanduser()}")
+    return apply_overrides(cfg, fixes) if fixes else cfg
+
+
+def _flatten(d: dict[str, Any], prefix: str = "", *, source: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _flatten(v, f"{prefix}{k}.", source=source)
+        elif v is None:  # YAML `key:` or `key: null` would otherwise become the string "None"
+            _fail(f"{prefix}{k}", f"empty (null) in {source}; give a value or remove the line")
+        elif isinstance(v, (list, tuple)):
+            _fail(f"{prefix}{k}", f"a list in {source}; expected a single value")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out

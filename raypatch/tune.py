@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raypatch.checkpoint import TrainState
 from raypatch.config import Config, apply_overrides, set_dotted, to_yaml
 from raypatch.safety import InputError, find_input_error
 
@@ -142,7 +143,7 @@ def train_driver(config: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raypatch.train import build_trainer, preflight
+    from raypatch.driver import build_trainer, preflight
 
     base = Config.from_dict(config["base"])
     trial = ray.tune.get_context().get_trial_id()
@@ -183,7 +184,7 @@ def run_search(base: Config, *, budget: float, space: dict[str, Any] | None = No
     """
     from ray import tune
 
-    from raypatch.data import load_manifest
+    from raypatch.shards import load_manifest
 
     corpus = load_manifest(base.data.shards)["splits"]["train"]["tokens"]
     exp_dir = Path(storage).expanduser().resolve() / name
@@ -236,14 +237,14 @@ def run_search(base: Config, *, budget: float, space: dict[str, Any] | None = No
         info_p = trials_dir / f"trial-{trial_id}" / "trial.json"
         info = json.loads(info_p.read_text()) if info_p.exists() else {}
         cfg = info.get("config") or {}
-        st = info.get("state") or {}
-        tok = st.get("tokens", {})
+        st = TrainState.from_dict(info.get("state") or {})
+        tok = st.tokens
         rows.append({
             "trial": f"trial-{trial_id}", **{f"param:{k}": v for k, v in r.config["params"].items()},
             "K": cfg.get("patch", {}).get("k"), "lam": round(cfg.get("patch", {}).get("lam", 0.0), 4),
             "D": tok.get("patch", 0) + tok.get("token", 0), "patch_tokens": tok.get("patch"),
-            "token_tokens": tok.get("token"), "positions": sum(st.get("positions", {}).values()),
-            "flops": st.get("flops"), "val_loss": r.metrics.get("val/loss"), "val_ppl": r.metrics.get("val/ppl"),
+            "token_tokens": tok.get("token"), "positions": sum(st.positions.values()),
+            "flops": st.flops, "val_loss": r.metrics.get("val/loss"), "val_ppl": r.metrics.get("val/ppl"),
             "wikitext_ppl": r.metrics.get("wikitext/ppl"), "wall_s": round(info.get("wall_s", 0.0), 1),
             "config": cfg})
     return rows

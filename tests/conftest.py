@@ -46,7 +46,7 @@ def ray_local():
     """One local Ray cluster for the session: 4 logical CPUs so Train workers leave room for Ray Data."""
     import ray
 
-    from raypatch.cli import start_local_ray
+    from raypatch.cluster import start_local_ray
 
     start_local_ray(4, log_to_driver=False)  # its own dashboard port: safe beside other clusters on the host
     yield ray

@@ -75,11 +75,11 @@ def main(scenario: str, out_dir: str, shards: str) -> None:
 
     from raypatch import presets
     from raypatch.config import apply_overrides
-    from raypatch.train import fit
+    from raypatch.driver import fit
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # This cluster's own dashboard for Train V2's placement-group cleaner (raypatch.cli.start_local_ray says why),
+    # This cluster's own dashboard for Train V2's placement-group cleaner (raypatch.cluster.start_local_ray says why),
     # not whatever a parent process (a pytest session with its own cluster) left in the environment.
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

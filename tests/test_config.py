@@ -3,7 +3,8 @@
 import pytest
 
 from raypatch import presets
-from raypatch.config import Config, apply_overrides, load_config
+from raypatch.config import Config, apply_overrides
+from raypatch.presets import load_config
 
 
 @pytest.mark.parametrize("name", list(presets.PRESETS))

@@ -14,14 +14,13 @@ import pytest
 
 from raypatch.data import (
     TokenStream,
-    check_vocab,
     iter_blocks,
-    load_manifest,
     plan_phases,
     worker_dataset,
     worker_runs,
 )
-from raypatch.prepare import InputError, manifest_checksum
+from raypatch.safety import InputError
+from raypatch.shards import check_vocab, load_manifest, manifest_checksum
 
 T = 32
 

@@ -35,7 +35,7 @@ def _free_port() -> int:
 def head(tmp_path_factory):
     """A head node on 127.0.0.1 with its own ports and temp dir; token auth off for head and client alike."""
     port, dash, agent, agent_grpc, metrics, rt_env = (_free_port() for _ in range(6))
-    # RAY_API_SERVER_ADDRESS: this head's own dashboard (raypatch.cli.start_local_ray says why), not the one a
+    # RAY_API_SERVER_ADDRESS: this head's own dashboard (raypatch.cluster.start_local_ray says why), not the one a
     # local cluster of this pytest session may have put in the environment.
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
                         "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}"}

@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from raypatch.cli import main
-from raypatch.prepare import manifest_checksum, shards_id, split_long, tokens_hash
+from raypatch.prepare import split_long
+from raypatch.shards import manifest_checksum, shards_id, tokens_hash
 
 from .conftest import ROOT
 
@@ -131,8 +132,8 @@ def clean_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def run(shards, ray_local, tmp_path_factory):
     """A finished tiny run (4 patch + 4 token steps, 2 workers, ZeRO-2): its run dir and last checkpoint."""
-    from raypatch.config import load_config
-    from raypatch.train import fit
+    from raypatch.driver import fit
+    from raypatch.presets import load_config
 
     storage = tmp_path_factory.mktemp("runs")
     cfg = load_config("tiny", tiny_args(shards, storage, "done")[4:])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from raypatch.schedule import lr_at
+from raypatch.optim import lr_at
 
 
 @pytest.mark.parametrize("step,expected", [(0, 0.25), (3, 1.0), (4, 1.0), (8, 0.5), (12, 0.0), (20, 0.0)])

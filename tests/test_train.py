@@ -16,7 +16,8 @@ import torch
 from raypatch import presets
 from raypatch.checkpoint import check_shards
 from raypatch.config import Config, apply_overrides
-from raypatch.data import TokenStream, load_manifest, plan_from_config, val_rows
+from raypatch.data import TokenStream, plan_from_config, val_rows
+from raypatch.shards import load_manifest
 
 from .conftest import WIKITEXT
 
@@ -48,7 +49,7 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def reference(shards, ray_local, tmp_path_factory):
     """A fault-free ZeRO-2 run of the tiny preset: 16 patch steps, then 16 token steps."""
-    from raypatch.train import fit
+    from raypatch.driver import fit
 
     cfg = tiny(shards, tmp_path_factory.mktemp("runs"), "ref")
     return cfg, fit(cfg)
@@ -127,7 +128,7 @@ def test_export_loads_in_transformers_and_matches_final_eval(reference, shards):
 def test_zero3_trains_both_phases_and_exports(shards, ray_local, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from raypatch.train import fit
+    from raypatch.driver import fit
 
     cfg = tiny(shards, tmp_path, "z3", "scale.zero_stage=3", "data.max_tokens=4096", "eval.wikitext=")
     summary = fit(cfg)
@@ -139,7 +140,7 @@ def test_zero3_trains_both_phases_and_exports(shards, ray_local, tmp_path):
 
 @pytest.mark.slow
 def test_zero1_and_keep_optimizer(shards, ray_local, tmp_path):
-    from raypatch.train import fit
+    from raypatch.driver import fit
 
     cfg = tiny(shards, tmp_path, "z1", "scale.zero_stage=1", "data.max_tokens=4096", "phases.keep_optimizer=true")
     assert fit(cfg)["state"]["global_step"] == 16
@@ -147,7 +148,7 @@ def test_zero1_and_keep_optimizer(shards, ray_local, tmp_path):
 
 def test_stopped_run_resumes_from_its_checkpoint(reference, shards, ray_local, tmp_path, monkeypatch):
     """A run killed with no retries left fails; rerunning the same name resumes and matches the reference."""
-    from raypatch.train import fit
+    from raypatch.driver import fit
 
     ref_cfg, ref = reference
     cfg = tiny(shards, tmp_path, "stopped", "checkpoint.max_failures=0")
@@ -177,7 +178,7 @@ def test_stopped_run_resumes_from_its_checkpoint(reference, shards, ray_local, t
 
 def test_worker_killed_in_each_phase_recovers_exactly(reference, shards, ray_local, tmp_path, monkeypatch):
     """SIGKILL a worker once in the patch phase (step 6) and once in the token phase (step 22)."""
-    from raypatch.train import fit
+    from raypatch.driver import fit
 
     _, ref = reference
     monkeypatch.setenv("RAYPATCH_KILL_AT_STEPS", "6,22")
@@ -204,8 +205,8 @@ def _snapshot(run: Path) -> dict[str, float]:
 
 
 def test_resume_with_another_model_shape_or_tokenizer_is_refused(reference, tokenizer_dir, corpus, tmp_path):
+    from raypatch.driver import preflight
     from raypatch.prepare import prepare, train_tokenizer
-    from raypatch.train import preflight
 
     cfg, summary = reference
     run = Path(summary["run_dir"])

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from raypatch import presets
-from raypatch.config import apply_overrides, load_config
+from raypatch.config import apply_overrides
+from raypatch.presets import load_config
 from raypatch.tune import grid_points, parse_space, plan_table, trial_budget
 
 BUDGET = 4096  # model positions per trial (tokens in the token phase + patches in the patch phase)

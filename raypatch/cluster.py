@@ -1,0 +1,74 @@
+"""The local Ray cluster raypatch starts (or the one it joins), and keeping Ray's own output quiet."""
+
+from __future__ import annotations
+
+import os
+
+
+def quiet_env() -> None:
+    for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+                 "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(k, v)
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Attach to the cluster in RAY_ADDRESS (e.g. under `ray job submit`), else start a private local one.
+
+    A local cluster gets more logical CPUs than Train workers take, so Ray Data's read tasks always have room
+    (with every CPU held by Train workers, Ray Data waits forever). The dashboard binds to 127.0.0.1.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        start_local_ray(num_cpus or max(4, (os.cpu_count() or 2) + 2))
+
+
+def start_local_ray(num_cpus: int, *, log_to_driver: bool = True) -> None:
+    """Start a private local Ray cluster, its dashboard on 127.0.0.1 at a free port of its own.
+
+    RAY_API_SERVER_ADDRESS (unless already set) points this cluster's processes, which inherit the driver's
+    environment, at that dashboard. Without it, Ray Train V2's placement-group cleaner looks the Train controller
+    up through the State API of whichever Ray instance it finds on the host; with a second cluster on the same
+    machine it can ask the wrong one, take the controller for dead and remove a healthy run's placement group.
+    The variable also overrides the address of any JobSubmissionClient or State API call made from this
+    process, which then reach this cluster.
+    """
+    import socket
+
+    # Every port of a private cluster on loopback: with ENABLE_RAY_CLUSTER off (Ray's own single-machine mode,
+    # the default on macOS and Windows) the node IP is 127.0.0.1 and the GCS, raylet, workers, dashboard agent,
+    # runtime-env agent and metrics servers all bind to it (measured: 14 sockets on all interfaces before,
+    # none after). `_node_ip_address="127.0.0.1"` does not do it: Ray swaps a localhost value for the host's IP.
+    # Ray reads the variable at import; the constant covers a process that imported ray already.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    port = None
+    if not os.environ.get("RAY_API_SERVER_ADDRESS"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, log_to_driver=log_to_driver, logging_level="warning")
+
+
+def quiet_worker_logs() -> None:
+    """Keep the worker's output to our one line per log interval: Ray Data, Train and DeepSpeed say a lot."""
+    import logging
+
+    names = ["ray.data", "ray.train", "DeepSpeed", "deepspeed", "torch.distributed"]
+    try:  # Train V2 logs every report at INFO under a logger named by its file path, not "ray.train"
+        from ray.train.v2._internal.execution import context
+
+        names.append(context.__file__)
+    except ImportError:
+        pass
+    for name in names:
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,227 @@
+"""The driver: everything that runs before and after the Ray Train workers.
+
+`preflight` checks config, data, storage and any checkpoint to resume before a worker starts; `build_trainer`
+is the one TorchTrainer that `raypatch train`, the jobs and every Tune trial fit; `fit` runs it, exports the
+model and writes the summary; `train_and_compare` is `raypatch train` (the run, and with compare_baseline the
+token-only run on the same data); `default_data` tokenizes the embedded corpus when no shards are given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from raypatch.checkpoint import TrainState, check_checkpoint, check_compatible, export_hf, find_latest
+from raypatch.config import Config, apply_overrides
+from raypatch.data import PhasePlan, plan_dicts, plan_from_config
+from raypatch.metrics import plot_runs
+from raypatch.optim import grad_accum_steps
+from raypatch.patching import relative_cost
+from raypatch.safety import InputError, check_not_overlapping, find_input_error
+from raypatch.shards import check_vocab, load_manifest, shards_id
+
+CORPUS_DIR = Path(__file__).parent / "corpus"
+DEFAULT_CORPUS = CORPUS_DIR / "python-docs-sample.jsonl.gz"
+DEFAULT_WIKITEXT = CORPUS_DIR / "wikitext103-test-sample.jsonl.gz"
+
+
+def default_data(cfg: Config) -> Config:
+    """With no data.shards, tokenize the embedded corpus once (a BPE of model.vocab_size) and use it."""
+    from raypatch.prepare import prepare, train_tokenizer
+    from raypatch.shards import file_sha256
+
+    overrides = []
+    if not cfg.eval.wikitext and DEFAULT_WIKITEXT.exists():
+        overrides.append(f"eval.wikitext={DEFAULT_WIKITEXT}")
+    if not cfg.data.shards:
+        out = Path(cfg.checkpoint.storage_path).expanduser().resolve() / "data" / f"default-v{cfg.model.vocab_size}"
+        fresh = False
+        try:
+            m = load_manifest(str(out))
+            fresh = m["sources"][0]["sha256"] == file_sha256(DEFAULT_CORPUS) and m.get("shuffle_seed") == 0
+        except (ValueError, KeyError, IndexError):
+            fresh = False
+        if not fresh:
+            print(f"preparing the embedded corpus {DEFAULT_CORPUS.name} -> {out}", flush=True)
+            tok = train_tokenizer([str(DEFAULT_CORPUS)], str(out.parent / f"tokenizer-v{cfg.model.vocab_size}"),
+                                  vocab_size=cfg.model.vocab_size, overwrite=True)
+            # Shuffled: the sample lists documents in path order (FAQ, HOWTOs, reference, tutorial, library a-o),
+            # so in order the patch and token phases would read different parts of the documentation.
+            prepare([str(DEFAULT_CORPUS)], tok, str(out), overwrite=True, val_every=20, shuffle_seed=0)
+        overrides.append(f"data.shards={out}")
+    return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def train_and_compare(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
+    """`raypatch train`: the run in cfg, and with compare_baseline the token-only run on the same data."""
+    cfg = default_data(cfg)
+    runs = []
+    if cfg.compare_baseline and cfg.patch.lam > 0:
+        base = apply_overrides(cfg, ["patch.lam=0", f"checkpoint.name={cfg.checkpoint.name}-token-only"])
+        runs.append(("token-only", base))
+    runs.append((f"patch K={cfg.patch.k} λ={cfg.patch.lam:.3g}", cfg))
+    results = []
+    for label, c in runs:
+        print(f"\n=== {label}: run {run_dir_of(c)}", flush=True)
+        results.append((label, fit(c)))
+    table = comparison_table(results)
+    print("\n" + table, flush=True)
+    if len(results) > 1:
+        out = run_dir_of(cfg)
+        png = plot_runs({label: Path(s["run_dir"]) / "metrics.jsonl" for label, s in results},
+                        out / "comparison.png", title="token-level validation loss vs compute")
+        (out / "comparison.md").write_text(table + "\n")
+        print(f"\nplot: {png}\ntable: {out / 'comparison.md'}", flush=True)
+    return results
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def storage_uri(cfg: Config) -> str:
+    """Where Ray Train keeps checkpoints: a local directory, or a URI such as s3://bucket/prefix."""
+    p = cfg.checkpoint.storage_path
+    return p if is_uri(p) else str(Path(p).expanduser().resolve())
+
+
+def run_dir_of(cfg: Config) -> Path:
+    """The local run directory for metrics, TensorBoard, plots, summary and export.
+
+    With local storage it is the run's own storage directory; with a URI (s3://...) checkpoints go there and
+    these files stay on local disk under ~/raypatch-runs/<name> (rank 0's node for metrics, the driver's for
+    the rest).
+    """
+    if is_uri(cfg.checkpoint.storage_path):
+        return Path("~/raypatch-runs").expanduser() / cfg.checkpoint.name
+    return Path(cfg.checkpoint.storage_path).expanduser().resolve() / cfg.checkpoint.name
+
+
+def preflight(cfg: Config) -> list[PhasePlan]:
+    """Every check that can fail on bad input, before a worker starts or a checkpoint is touched."""
+    if not cfg.data.shards:
+        raise InputError("config field 'data.shards': empty (point it at a directory made by `raypatch prepare`)")
+    manifest = load_manifest(cfg.data.shards, verify="meta")
+    check_vocab(manifest, cfg.model.vocab_size, f"data.shards={cfg.data.shards}")
+    plans = plan_from_config(cfg, manifest["splits"]["train"]["tokens"])
+    for p in plans:
+        grad_accum_steps(p.blocks_per_step, p.phase, cfg.scale.num_workers, cfg.optim.micro_batch_size)
+    if cfg.eval.wikitext and not Path(cfg.eval.wikitext).is_file():
+        raise InputError(f"config field 'eval.wikitext': {cfg.eval.wikitext} is not a file")
+    check_storage(cfg)
+    latest = find_latest(run_dir_of(cfg))
+    if latest is not None:
+        meta = check_checkpoint(latest)
+        check_compatible(meta, config=cfg.to_dict(), tokenizer_fingerprint=manifest["tokenizer"]["fingerprint"],
+                         plan=plan_dicts(plans), shards=shards_id(manifest), where=str(latest))
+    return plans
+
+
+def check_storage(cfg: Config) -> None:
+    """A local storage path must be a writable directory, and the run directory may not be, hold or lie
+    inside the shard set or the evaluation file (a run writes metrics, checkpoints and exports there)."""
+    if is_uri(cfg.checkpoint.storage_path):
+        return
+    storage = Path(cfg.checkpoint.storage_path).expanduser()
+    for p in (storage, *storage.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise InputError(f"config field 'checkpoint.storage_path': {p} is a file, not a directory")
+            if not os.access(p, os.W_OK):
+                raise InputError(f"config field 'checkpoint.storage_path': {p} is not writable")
+            break
+    check_not_overlapping(run_dir_of(cfg), [("shard set (data.shards)", cfg.data.shards),
+                                            ("evaluation file (eval.wikitext)", cfg.eval.wikitext)],
+                          "run directory (checkpoint.storage_path/checkpoint.name)")
+
+
+def worker_resources(cfg: Config) -> dict[str, float]:
+    res = {"CPU": cfg.scale.cpus_per_worker}
+    for item in filter(None, cfg.scale.worker_resources.split(",")):
+        name, _, amount = item.partition("=")
+        res[name.strip()] = float(amount)
+    return res
+
+
+def build_trainer(cfg: Config, *, callbacks: list | None = None) -> Any:
+    """The TorchTrainer for `cfg`: the same object for `raypatch train`, jobs and Tune trials."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "TOKENIZERS_PARALLELISM": "false",
+           "DS_ACCELERATOR": "cuda" if cfg.scale.use_gpu else "cpu"}
+    env |= {k: v for k, v in os.environ.items() if k.startswith("RAYPATCH_")}
+    from raypatch.train import train_loop_per_worker
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir)},
+        scaling_config=ScalingConfig(
+            num_workers=(cfg.scale.min_workers, cfg.scale.num_workers) if cfg.scale.min_workers
+            else cfg.scale.num_workers,
+            use_gpu=cfg.scale.use_gpu, resources_per_worker=worker_resources(cfg),
+            elastic_resize_monitor_interval_s=cfg.scale.resize_check_s),
+        run_config=RunConfig(
+            name=cfg.checkpoint.name, storage_path=storage_uri(cfg),
+            # Preemptions (spot reclaims, drained nodes) never use up max_failures, which is for real errors.
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures, max_preemption_failures=-1),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            worker_runtime_env={"env_vars": env}, callbacks=callbacks,
+            logging_config=LoggingConfig(log_level="WARNING")),
+    )
+
+
+def fit(cfg: Config, *, export: bool = True) -> dict[str, Any]:
+    """Train one run (resuming it if its run directory holds a checkpoint); returns the summary."""
+    preflight(cfg)
+    run_dir = run_dir_of(cfg)
+    t0 = time.perf_counter()
+    result = build_trainer(cfg).fit()
+    if result.error is not None:
+        raise find_input_error(result.error) or result.error
+    summary = dict(result.return_value or {})
+    if summary.get("error"):  # bad data met by the workers: every rank stopped with this message
+        raise InputError(summary["error"])
+    summary["wall_s"] = time.perf_counter() - t0
+    summary["run_dir"] = str(run_dir)
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            summary["checkpoint"] = result.checkpoint.path
+            if export:
+                summary["export"] = str(export_hf(d, run_dir / "hf", overwrite=True))
+    summary |= summarize(cfg, summary)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    plot_runs({cfg.checkpoint.name: run_dir / "metrics.jsonl"}, run_dir / "val_loss_vs_compute.png")
+    return summary
+
+
+def summarize(cfg: Config, summary: dict[str, Any]) -> dict[str, Any]:
+    st = TrainState.from_dict(summary.get("state") or {})
+    final = summary.get("final", {})
+    patch, token = st.tokens["patch"], st.tokens["token"]
+    lam_trained = patch / max(1, patch + token)
+    return {"relative_cost": relative_cost(cfg.patch.k if patch else 1, lam_trained),
+            "val_ppl": final.get("val/ppl"), "wikitext_ppl": final.get("wikitext/ppl")}
+
+
+def comparison_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """Markdown table of runs side by side: data, positions, FLOPs, cost, wall-clock, final perplexities."""
+    head = ("| run | K | λ | tokens (patch + token) | positions | FLOPs | relative cost | wall-clock per phase (s) "
+            "| val ppl | WikiText ppl |\n|---|---|---|---|---|---|---|---|---|---|")
+    out = [head]
+    for name, s in rows:
+        st = TrainState.from_dict(s["state"])
+        cfg = s["config"]
+        tp, tt = st.tokens["patch"], st.tokens["token"]
+        pos = st.positions["patch"] + st.positions["token"]
+        wall = f"{st.seconds['patch']:.0f} + {st.seconds['token']:.0f}"
+        fmt = lambda v: f"{v:.2f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+        out.append(f"| {name} | {cfg['patch']['k'] if tp else 1} | {tp / (tp + tt):.3f} | {tp:,} + {tt:,} | {pos:,} "
+                   f"| {st.flops:.3g} | {s['relative_cost']:.3f} | {wall} | {fmt(s['val_ppl'])} "
+                   f"| {fmt(s['wikitext_ppl'])} |")
+    return "\n".join(out)

@@ -1,0 +1,84 @@
+"""The optimizer side of a run: AdamW parameter groups, the DeepSpeed config, gradient accumulation per phase,
+the optimizer reset at the switch and the learning-rate schedule. No Ray and no data code: a GPU script or a
+benchmark imports these instead of copying them."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from raypatch.config import Config
+
+
+def deepspeed_config(cfg: Config, grad_accum: int, world_size: int) -> dict[str, Any]:
+    """DeepSpeed's config for `cfg`: ZeRO stage, precision, clipping and AdamW (the learning rate is set by the
+    loop every step, from `lr_at`)."""
+    o = cfg.optim
+    zero: dict[str, Any] = {"stage": cfg.scale.zero_stage}
+    if cfg.scale.zero_stage == 3:
+        # Tiny models would otherwise stay whole on every rank (below DeepSpeed's 1e5-element default).
+        zero["stage3_param_persistence_threshold"] = cfg.scale.zero3_persistence_threshold
+    return {
+        "train_micro_batch_size_per_gpu": o.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": o.micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.scale.precision == "bf16"},
+        # torch_adam avoids compiling DeepSpeed's fused Adam (40-70 s) and runs on CPU and GPU alike.
+        "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
+                                                  "weight_decay": o.weight_decay, "torch_adam": True}},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices and embeddings; not norms and biases (as HF Trainer does in the reference)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def grad_accum_steps(rows_per_step: int, phase: str, world_size: int, micro_batch: int) -> int:
+    """Micro-batches each worker runs per optimizer step, for a phase of `rows_per_step` global rows."""
+    per_worker, rem = divmod(rows_per_step, world_size * micro_batch)
+    if rem or per_worker == 0:
+        raise ValueError(f"optim.tokens_per_step: {rows_per_step} {phase}-phase rows per step do not "
+                         f"divide across {world_size} workers x {micro_batch} rows (optim.micro_batch_size)")
+    return per_worker
+
+
+def start_phase(engine: Any, micro_batch: int, grad_accum: int, world_size: int, *, reset_optimizer: bool) -> None:
+    """Set the engine's batch for the phase's gradient accumulation; at the switch, reset AdamW's state.
+
+    Tokens per step are fixed across phases, so the patch phase (K·T-token rows) needs K times fewer rows
+    per step than the token phase: the micro-batch stays, gradient accumulation changes. The paper resets
+    the optimizer at the switch and keeps only the weights: clearing AdamW's moments and step counts keeps
+    DeepSpeed's fp32 master weights exactly, with no round trip through bf16 module weights.
+    """
+    engine.set_train_batch_size(micro_batch * grad_accum * world_size)
+    if reset_optimizer:
+        base = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+        base.state.clear()
+
+
+def set_lr(engine: Any, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def lr_at(step: int, total_steps: int, *, lr: float, warmup_steps: int, min_lr: float = 0.0) -> float:
+    """Linear warmup from lr/warmup to lr over warmup_steps, then cosine to min_lr at total_steps.
+
+    `step` counts optimizer steps from 0 within the schedule. The paper resets the schedule at the switch
+    (2000 warmup steps, cosine to 0, in both phases), so the trainer calls this with per-phase steps.
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    decay = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
