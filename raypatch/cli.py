@@ -29,10 +29,10 @@ def tune_command(args: argparse.Namespace) -> dict[str, Path]:
 
     base = default_data(load_config(args.config, args.set))
     space = tune.parse_space(args.space)
-    fpp = tune.model_flops_per_position(base) if args.flops else None
+    flops_per_pos = tune.model_flops_per_position(base) if args.flops else None
     init_ray()
     t0 = time.perf_counter()
-    kw = {"flops_per_pos": fpp, "multi_epoch": args.multi_epoch, "concurrency": args.concurrency}
+    kw = {"flops_per_pos": flops_per_pos, "multi_epoch": args.multi_epoch, "concurrency": args.concurrency}
     storage = str(Path(base.checkpoint.storage_path).expanduser().resolve())
     if args.halving:
         rows = tune.successive_halving(base, budget=args.budget, space=space, name=args.name, storage=storage,
@@ -40,7 +40,7 @@ def tune_command(args: argparse.Namespace) -> dict[str, Path]:
     else:
         rows = tune.run_search(base, budget=args.budget, space=space, name=args.name, storage=storage,
                                search=args.search, num_samples=args.num_samples, **kw)
-    paths = tune.write_outputs(rows, Path(storage) / args.name, budget=args.budget / (fpp or 1),
+    paths = tune.write_outputs(rows, Path(storage) / args.name, budget=args.budget / (flops_per_pos or 1),
                                wall_s=time.perf_counter() - t0)
     print(paths["md"].read_text())
     print("\n".join(f"{k}: {v}" for k, v in paths.items()), flush=True)
@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="the (K, λ, D) options a compute budget affords")
     pl.add_argument("--budget", type=float, required=True, help="model positions (tokens + patches)")
+    pl.add_argument("--config", default="demo", help="the preset or YAML whose optim.tokens_per_step trials use")
+    pl.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of that config")
     pl.add_argument("--corpus-tokens", type=int, required=True)
     pl.add_argument("--k", default="1,2,4,8")
     pl.add_argument("--lam", default="0.5,0.667,0.8")
@@ -251,7 +253,9 @@ def run_command(args: argparse.Namespace) -> None:
         if any(k < 1 for k in ks) or any(not 0 <= x < 1 for x in lams):
             raise InputError(f"--k values must be >= 1 and --lam values in [0, 1) (got {args.k}, {args.lam})")
         results = read_results(args.experiment) if args.experiment else None
-        print(plan_table(args.budget, args.corpus_tokens, ks=ks, lams=lams, results=results))
+        cfg = load_config(args.config, args.set)
+        print(plan_table(args.budget, args.corpus_tokens, ks=ks, lams=lams,
+                         tokens_per_step=cfg.optim.tokens_per_step, results=results))
     elif args.cmd == "evaluate":
         print(json.dumps(evaluate_command(args), indent=1))
     elif args.cmd == "export":

@@ -90,6 +90,8 @@ class DataConfig:
     """T: model positions per row, the same in both phases."""
     max_tokens: int = 0
     """D: train on the first D tokens of the stream; 0 = every token in the shards."""
+    patch_tokens: int = 0
+    """Tokens of the patch phase, exactly (raypatch tune sets it in whole steps); 0 = ⌊λ·D⌋ from patch.lam."""
     epochs: int = 1
     """Passes over the train stream allowed (multi-epoch mode when > 1: patch phase on the first λ of them)."""
     read_cpus: float = 0.25
@@ -103,6 +105,8 @@ class DataConfig:
         _positive(self, "data", "seq_len", "read_cpus", "epochs")
         if self.max_tokens < 0:
             _fail("data.max_tokens", f"must be >= 0, got {self.max_tokens}")
+        if self.patch_tokens < 0 or (self.patch_tokens and not self.max_tokens):
+            _fail("data.patch_tokens", f"must be >= 0 and needs data.max_tokens (D), got {self.patch_tokens}")
         if self.prefetch_batches < 0:
             _fail("data.prefetch_batches", f"must be >= 0, got {self.prefetch_batches}")
 

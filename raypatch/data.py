@@ -160,9 +160,10 @@ class PhasePlan:
 
 
 def plan_phases(*, stream_tokens: int, seq_len: int, k: int, lam: float, tokens_per_step: int,
-                max_tokens: int = 0, patch_block_tokens: int | None = None, patch_only: bool = False,
-                epochs: int = 1, source: str = "the corpus") -> list[PhasePlan]:
-    """Split the first D tokens of the stream: λ·D for the patch phase, the rest for the token phase.
+                max_tokens: int = 0, patch_tokens: int = 0, patch_block_tokens: int | None = None,
+                patch_only: bool = False, epochs: int = 1, source: str = "the corpus") -> list[PhasePlan]:
+    """Split the first D tokens of the stream: λ·D (or exactly `patch_tokens`, as `raypatch tune` gives it in
+    whole steps from patching.budget_split) for the patch phase, the rest for the token phase.
 
     With epochs > 1 the stream repeats end to end (multi-epoch mode, the paper's Table 2 recipe): D may reach
     epochs × stream_tokens, and the patch phase takes the first λ of those passes, the token phase the rest.
@@ -173,11 +174,13 @@ def plan_phases(*, stream_tokens: int, seq_len: int, k: int, lam: float, tokens_
         more = f"; set data.epochs >= {-(-d // stream_tokens)} to repeat it" if epochs == 1 else ""
         raise InputError(f"data.max_tokens={d:,} exceeds the {available:,} train tokens in {source}"
                          f"{' over ' + str(epochs) + ' epochs' if epochs > 1 else ''}{more}")
-    # The epsilon keeps float noise in λ (2/3, or a λ chosen to land on whole steps) from dropping a token.
-    patch_end = math.floor(lam * d + 1e-6)
+    if patch_tokens > d:
+        raise InputError(f"data.patch_tokens={patch_tokens:,} exceeds D={d:,} (data.max_tokens)")
+    # The epsilon keeps float noise in a λ such as 2/3 from dropping a token.
+    patch_end = patch_tokens if patch_tokens else math.floor(lam * d + 1e-6)
     pb = patch_block_tokens or k * seq_len
     plans = []
-    if lam > 0:
+    if lam > 0 or patch_tokens:
         plans.append(PhasePlan("patch", k, pb, 0, patch_end, tokens_per_step // pb))
     if not patch_only:
         plans.append(PhasePlan("token", 1, seq_len, patch_end, d - patch_end, tokens_per_step // seq_len))
@@ -194,19 +197,20 @@ def plan_phases(*, stream_tokens: int, seq_len: int, k: int, lam: float, tokens_
 
 def plan_from_config(cfg: Any, stream_tokens: int) -> list[PhasePlan]:
     """plan_phases for a raypatch Config."""
-    return plan_phases(stream_tokens=stream_tokens, seq_len=cfg.data.seq_len, k=cfg.patch.k, lam=cfg.patch.lam,
-                       tokens_per_step=cfg.optim.tokens_per_step, max_tokens=cfg.data.max_tokens,
-                       patch_block_tokens=cfg.patch_block_tokens, patch_only=cfg.phases.patch_only,
-                       epochs=cfg.data.epochs, source=f"data.shards={cfg.data.shards}")
+    d = cfg.data
+    return plan_phases(stream_tokens=stream_tokens, seq_len=d.seq_len, k=cfg.patch.k, lam=cfg.patch.lam,
+                       tokens_per_step=cfg.optim.tokens_per_step, max_tokens=d.max_tokens,
+                       patch_tokens=d.patch_tokens, patch_block_tokens=cfg.patch_block_tokens,
+                       patch_only=cfg.phases.patch_only, epochs=d.epochs, source=f"data.shards={d.shards}")
 
 
-def worker_runs(plan: PhasePlan, rank: int, world: int, start_block: int = 0,
+def worker_runs(plan: PhasePlan, rank: int, world_size: int, start_block: int = 0,
                 end_block: int | None = None) -> Iterator[tuple[int, int]]:
-    """(first block, count) runs that worker `rank` of `world` trains on, in order, from `start_block`."""
+    """(first block, count) runs that worker `rank` of `world_size` trains on, in order, from `start_block`."""
     b = plan.blocks_per_step
-    if b % world:
-        raise ValueError(f"{b} {plan.phase}-phase rows per step do not divide across {world} workers")
-    m = b // world
+    if b % world_size:
+        raise ValueError(f"{b} {plan.phase}-phase rows per step do not divide across {world_size} workers")
+    m = b // world_size
     end = plan.num_blocks if end_block is None else min(end_block, plan.num_blocks)
     for s in range(start_block // b, -(-end // b)):
         lo = max(s * b + rank * m, start_block)
@@ -215,11 +219,11 @@ def worker_runs(plan: PhasePlan, rank: int, world: int, start_block: int = 0,
             yield lo, hi - lo
 
 
-def iter_blocks(stream: TokenStream, plan: PhasePlan, rank: int = 0, world: int = 1, start_block: int = 0,
+def iter_blocks(stream: TokenStream, plan: PhasePlan, rank: int = 0, world_size: int = 1, start_block: int = 0,
                 end_block: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Without Ray: (block index, (block_tokens,) int32) for one worker, in order."""
     bt = plan.block_tokens
-    for first, count in worker_runs(plan, rank, world, start_block, end_block):
+    for first, count in worker_runs(plan, rank, world_size, start_block, end_block):
         toks = stream.read_epochs(plan.start + first * bt, plan.start + (first + count) * bt).reshape(count, bt)
         for i in range(count):
             yield first + i, toks[i]
@@ -239,13 +243,13 @@ def _stream(shards_dir: str, split: str) -> TokenStream:
 
 
 def _read_blocks(batch: dict[str, np.ndarray], *, shards_dir: str, split: str, plan: dict[str, Any], rank: int,
-                 world: int, start_block: int, end_block: int | None) -> dict[str, np.ndarray]:
+                 world_size: int, start_block: int, end_block: int | None) -> dict[str, np.ndarray]:
     p = PhasePlan(**plan)
     stream = _stream(shards_dir, split)
     blocks, rows = [], []
     for a, b in zip(batch["a"], batch["b"]):
         hi = int(b) if end_block is None else min(int(b), end_block)
-        for first, count in worker_runs(p, rank, world, max(int(a), start_block), hi):
+        for first, count in worker_runs(p, rank, world_size, max(int(a), start_block), hi):
             toks = stream.read_epochs(p.start + first * p.block_tokens, p.start + (first + count) * p.block_tokens)
             rows.append(toks.reshape(count, p.block_tokens))  # (count, block_tokens)
             blocks.append(np.arange(first, first + count, dtype=np.int64))
@@ -254,7 +258,7 @@ def _read_blocks(batch: dict[str, np.ndarray], *, shards_dir: str, split: str, p
     return {"block": np.concatenate(blocks), "input_ids": np.concatenate(rows)}
 
 
-def worker_dataset(plan: PhasePlan, shards_dir: str, rank: int, world: int, start_block: int = 0,
+def worker_dataset(plan: PhasePlan, shards_dir: str, rank: int, world_size: int, start_block: int = 0,
                    end_block: int | None = None, *, split: str = "train", read_cpus: float = 0.25,
                    tokens_per_task: int = 1 << 21) -> Any:
     """An ordered Ray Dataset of exactly worker `rank`'s blocks of `plan` from `start_block`.
@@ -269,7 +273,7 @@ def worker_dataset(plan: PhasePlan, shards_dir: str, rank: int, world: int, star
     ctx.enable_progress_bars = False  # the trainer logs data-wait itself; per-dataset bars are noise
     end = plan.num_blocks if end_block is None else min(end_block, plan.num_blocks)
     b = plan.blocks_per_step
-    steps_per_task = max(1, tokens_per_task * world // (b * plan.block_tokens))
+    steps_per_task = max(1, tokens_per_task * world_size // (b * plan.block_tokens))
     tasks = []
     s = start_block // b
     while s * b < end:
@@ -281,7 +285,7 @@ def worker_dataset(plan: PhasePlan, shards_dir: str, rank: int, world: int, star
     return ds.map_batches(
         _read_blocks, batch_size=1, batch_format="numpy", num_cpus=read_cpus,
         fn_kwargs={"shards_dir": str(shards_dir), "split": split, "plan": plan.to_dict(), "rank": rank,
-                   "world": world, "start_block": start_block, "end_block": end})
+                   "world_size": world_size, "start_block": start_block, "end_block": end})
 
 
 def val_rows(stream: TokenStream, seq_len: int, max_rows: int) -> np.ndarray:

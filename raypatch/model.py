@@ -74,7 +74,7 @@ def patch_logits(model: PreTrainedModel, input_ids: torch.Tensor, k: int) -> tor
     embeds = model.get_input_embeddings()(input_ids)  # (B, K·T, D)
     patches = patch_embeddings(embeds, k)  # (B, T, D)
     b, t, _ = patches.shape
-    # Patch j sits at position j (not jK): both phases use positions 0..T-1 (patch-spec §1).
+    # Patch j sits at position j (not jK): both phases use positions 0..T-1, as in the paper's reference code.
     position_ids = torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)  # (B, T)
     return model(inputs_embeds=patches, position_ids=position_ids).logits  # (B, T, V)
 

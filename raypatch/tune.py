@@ -7,7 +7,7 @@ steps so that every trial's compute is C minus less than one token-phase step. A
 budget is spent (it is an ordinary complete run), never through Tune's stop (Ray issue 54305).
 
 The objective is the final token-level validation loss. No ASHA and no early stopping on training curves:
-the patch-initialised model trails the baseline until late in the token phase (patch-spec §5). Successive
+the patch-initialised model trails the baseline until late in the token phase (the paper's Figure 4). Successive
 halving is offered over *budgets*: every rung runs complete two-phase schedules, at η times the budget of
 the rung before, on the best 1/η of the configurations.
 
@@ -20,14 +20,13 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from raypatch.checkpoint import TrainState
 from raypatch.config import Config, apply_overrides, set_dotted, to_yaml
+from raypatch.patching import PhaseBudget, budget_split
 from raypatch.safety import InputError, find_input_error
 
 # --- the search space ------------------------------------------------------------------------------
@@ -82,43 +81,19 @@ def grid_points(space: dict[str, Any]) -> list[dict[str, str]]:
 # --- fixed compute -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TrialBudget:
-    k: int
-    lam_requested: float
-    lam: float
-    """λ actually used: the patch share after rounding both phases to whole steps."""
-    data_tokens: int
-    patch_tokens: int
-    token_tokens: int
-    positions: int
-    epochs: int
-
-
 def trial_budget(cfg: Config, budget: float, *, corpus_tokens: int, flops_per_pos: float | None = None,
-                 multi_epoch: bool = False) -> TrialBudget:
-    """The data one trial can afford: whole optimizer steps in each phase, compute within one step of C."""
-    tps = cfg.optim.tokens_per_step
-    k, lam = cfg.patch.k, cfg.patch.lam if cfg.patch.k > 1 else 0.0
-    positions = budget / flops_per_pos if flops_per_pos else budget
-    if positions < tps:
-        raise ValueError(f"--budget {budget:g} affords {positions:,.0f} positions, less than one optimizer step of "
-                         f"{tps:,} tokens (optim.tokens_per_step)")
-    d = positions / (lam / k + 1 - lam)
-    n_patch = round(lam * d / tps)
-    # The token phase takes whole steps of what is left; the unspent remainder is under one token step.
-    n_token = math.floor((positions - n_patch * tps / k) / tps + 1e-9)
-    if lam > 0 and (n_patch == 0 or n_token == 0) and not cfg.phases.patch_only:
-        raise ValueError(f"--budget {budget:g} is too small for K={k}, λ={lam:.3g}: it affords {n_patch} patch and "
-                         f"{n_token} token steps of {tps:,} tokens; both phases need at least one")
-    d_used = (n_patch + n_token) * tps
-    epochs = max(1, -(-d_used // corpus_tokens))
-    if epochs > 1 and not multi_epoch:
-        raise ValueError(f"K={k}, λ={lam:.3g} needs D={d_used:,} tokens for this budget but the corpus holds "
-                         f"{corpus_tokens:,}; pass --multi-epoch to repeat it ({epochs} epochs)")
-    return TrialBudget(k=k, lam_requested=cfg.patch.lam, lam=n_patch * tps / d_used, data_tokens=d_used,
-                       patch_tokens=n_patch * tps, token_tokens=n_token * tps,
-                       positions=n_patch * tps // k + n_token * tps, epochs=epochs)
+                 multi_epoch: bool = False) -> PhaseBudget:
+    """The data one trial can afford (patching.budget_split for its K, λ and step), checked against the corpus."""
+    try:
+        b = budget_split(budget, cfg.patch.k, cfg.patch.lam, tokens_per_step=cfg.optim.tokens_per_step,
+                         flops_per_pos=flops_per_pos, patch_only=cfg.phases.patch_only)
+    except ValueError as e:
+        raise ValueError(f"--budget: {e}") from None
+    if b.epochs(corpus_tokens) > 1 and not multi_epoch:
+        raise ValueError(f"K={b.k}, λ={cfg.patch.lam:.3g} needs D={b.data_tokens:,} tokens for this budget but the "
+                         f"corpus holds {corpus_tokens:,}; pass --multi-epoch to repeat it "
+                         f"({b.epochs(corpus_tokens)} epochs)")
+    return b
 
 
 def trial_config(base: Config, params: dict[str, Any], budget: float, *, corpus_tokens: int,
@@ -128,8 +103,9 @@ def trial_config(base: Config, params: dict[str, Any], budget: float, *, corpus_
     if cfg.patch.k == 1:
         cfg = apply_overrides(cfg, ["patch.lam=0"])
     b = trial_budget(cfg, budget, corpus_tokens=corpus_tokens, flops_per_pos=flops_per_pos, multi_epoch=multi_epoch)
-    over = [f"patch.lam={b.lam!r}", f"data.max_tokens={b.data_tokens}", f"data.epochs={b.epochs}",
-            "compare_baseline=false"]
+    # The whole-step phase budgets go to the data plan as they are; λ is the trained share, for the record.
+    over = [f"patch.lam={b.lam!r}", f"data.max_tokens={b.data_tokens}", f"data.patch_tokens={b.patch_tokens}",
+            f"data.epochs={b.epochs(corpus_tokens)}", "compare_baseline=false"]
     if name:
         over.append(f"checkpoint.name={name}")
     return apply_overrides(cfg, over)
@@ -344,22 +320,26 @@ def heatmap(rows: list[dict[str, Any]], path: Path) -> Path:
 # --- planning ---------------------------------------------------------------------------------------------
 
 
-def plan_table(budget: float, corpus_tokens: int, *, ks: list[int], lams: list[float],
+def plan_table(budget: float, corpus_tokens: int, *, ks: list[int], lams: list[float], tokens_per_step: int,
                results: list[dict[str, Any]] | None = None) -> str:
-    """(K, λ, D) options for a compute budget from the cost model, with measured losses when given."""
-    from raypatch.patching import budget_split
-
+    """(K, λ, D) options for a compute budget: exactly what `raypatch tune` would train (budget_split), with
+    measured losses when given."""
     measured = {(int(r["K"]), round(float(r["lam"]), 2)): r for r in (results or [])}
-    lines = ["| K | λ | relative cost | D (tokens) | patch tokens | token tokens | epochs of the corpus | fits |"
-             + (" val loss |" if results else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|" if results else "")]
+    lines = ["| K | λ requested | λ trained | relative cost | D (tokens) | patch tokens | token tokens "
+             "| epochs of the corpus | fits |" + (" val loss |" if results else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if results else "")]
     for k in ks:
         for lam in ([0.0] if k == 1 else lams):
-            b = budget_split(budget, k, lam)
+            try:
+                b = budget_split(budget, k, lam, tokens_per_step=tokens_per_step)
+            except ValueError as e:
+                lines.append(f"| {k} | {lam:.3g} | - | - | - | - | - | - | no: {e} |" + (" - |" if results else ""))
+                continue
             epochs = b.data_tokens / corpus_tokens
-            m = measured.get((k, round(lam, 2)))
-            lines.append(f"| {k} | {lam:.3g} | {b.relative_cost:.3f} | {b.data_tokens:,} | {b.patch_tokens:,} | "
-                         f"{b.token_tokens:,} | {epochs:.3g} | {'yes' if epochs <= 1 else 'multi-epoch'} |"
+            m = measured.get((k, round(b.lam, 2)))
+            lines.append(f"| {k} | {lam:.3g} | {b.lam:.4f} | {b.relative_cost:.3f} | {b.data_tokens:,} "
+                         f"| {b.patch_tokens:,} | {b.token_tokens:,} | {epochs:.3g} "
+                         f"| {'yes' if epochs <= 1 else 'multi-epoch'} |"
                          + (f" {m['val_loss']:.4f} |" if m else (" - |" if results else "")))
     return "\n".join(lines)
 

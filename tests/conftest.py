@@ -20,6 +20,26 @@ EMBEDDED = ROOT / "raypatch" / "corpus" / "python-docs-sample.jsonl.gz"
 WIKITEXT = ROOT / "raypatch" / "corpus" / "wikitext103-test-sample.jsonl.gz"
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """`ray` marks exactly the tests that start the session's Ray cluster (directly or through a fixture that
+    does, such as `shards`), so `pytest -m "not ray and not slow"` is the seconds-long unit tier."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_ray(request):
+    """A test not marked `ray` must not start a Ray cluster (it would also clash with the session's)."""
+    import sys
+
+    before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    yield
+    if request.node.get_closest_marker("ray") is None and not before:
+        assert not ("ray" in sys.modules and sys.modules["ray"].is_initialized()), \
+            f"{request.node.nodeid} started Ray: give it the ray_local fixture"
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """60 documents of the embedded Python-docs sample (real text no one here wrote; it ships with the package,

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import ROOT
-from .drills import registered
+from .helpers import registered
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -98,8 +98,10 @@ def test_relative_cost_and_budget():
     assert relative_cost(4, 0.8) == pytest.approx(0.4)
     assert relative_cost(1, 0.7) == pytest.approx(1.0)
     b = budget_split(1_000_000, 4, 2 / 3)
-    assert b.data_tokens == 2_000_000 and b.patch_tokens + b.token_tokens == b.data_tokens
-    assert b.positions == pytest.approx(1_000_000, abs=1)
+    assert b.data_tokens == 1_999_999 and b.patch_tokens + b.token_tokens == b.data_tokens
+    assert 1_000_000 - 1 < b.positions <= 1_000_000
+    s = budget_split(1_000_000, 4, 2 / 3, tokens_per_step=4096)  # whole steps in both phases
+    assert s.patch_tokens % 4096 == 0 and s.token_tokens % 4096 == 0 and 1_000_000 - 4096 < s.positions <= 1e6
     # FLOPs budgets: 6·N per position.
     f = budget_split(6 * 1000 * 1_000_000, 4, 0.5, flops_per_pos=6 * 1000)
     assert f.data_tokens == 1_600_000 and f.patch_tokens == 800_000

@@ -28,9 +28,6 @@ from raypatch.shards import manifest_checksum, shards_id, tokens_hash
 
 from .conftest import ROOT
 
-pytestmark = pytest.mark.ray
-
-
 # --- helpers ---------------------------------------------------------------------------------------
 
 
@@ -318,7 +315,7 @@ def test_prepare_with_the_outputs_own_tokenizer_is_refused(corpus, shards, tmp_p
     assert_kept(before)
 
 
-def test_prepare_refuses_an_output_that_holds_the_input(corpus, tokenizer_dir, tmp_path, capsys):
+def test_prepare_refuses_an_output_that_holds_the_input(corpus, tokenizer_dir, ray_local, tmp_path, capsys):
     src = tmp_path / "data"
     src.mkdir()
     shutil.copy(corpus, src / "docs.jsonl.gz")
@@ -459,7 +456,7 @@ def test_bad_overrides(shards, tmp_path, capsys, override, pattern):
     assert not (tmp_path / "x").exists() and not (tmp_path.parent / "metrics.jsonl").exists()
 
 
-def test_storage_path_that_is_a_file(shards, tmp_path, capsys):
+def test_storage_path_that_is_a_file(shards, ray_local, tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("not a directory")
     before = snapshot(tmp_path)
@@ -595,6 +592,7 @@ def test_token_ids_outside_the_vocab_stop_all_workers_without_retries(shards, ra
 # --- the terminal of a real `raypatch` process -----------------------------------------------------------
 
 
+@pytest.mark.ray
 def test_worker_errors_reach_the_terminal_as_one_line(shards, tokenizer_dir, tmp_path):
     """A subprocess with its own cluster (worker logs shown): bad ids inside the workers, and a bad line found
     inside a Ray Data task of prepare. stderr holds the one line; no traceback anywhere on the terminal."""

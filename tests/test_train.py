@@ -20,30 +20,14 @@ from raypatch.data import TokenStream, plan_from_config, val_rows
 from raypatch.shards import load_manifest
 
 from .conftest import WIKITEXT
-
-pytestmark = pytest.mark.ray
+from .helpers import blocks_by_step as trained_steps
+from .helpers import step_losses
 
 
 def tiny(shards: str, storage: Path, name: str, *extra: str) -> Config:
     return apply_overrides(presets.tiny(), [f"data.shards={shards}", f"checkpoint.storage_path={storage}",
                                             f"checkpoint.name={name}", "data.record_blocks=true", "log_every=1",
                                             f"eval.wikitext={WIKITEXT}", *extra])
-
-
-def trained_steps(run_dir: Path) -> dict[str, list[int]]:
-    """'phase:step' -> blocks trained by all ranks of the last attempt (worker group) that ran the step."""
-    from .drills import blocks_by_step
-
-    return blocks_by_step(run_dir)
-
-
-def step_losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "train/loss" in r:
-            out[r["step"]] = r["train/loss"]
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 from raypatch import presets
 from raypatch.config import apply_overrides
 from raypatch.presets import load_config
-from raypatch.tune import grid_points, parse_space, plan_table, trial_budget
+from raypatch.tune import grid_points, parse_space, plan_table, trial_budget, trial_config
 
 BUDGET = 4096  # model positions per trial (tokens in the token phase + patches in the patch phase)
 
@@ -34,7 +34,7 @@ def test_budget_split_is_whole_steps_within_one_step_of_the_budget():
         trial_budget(cfg, 300, corpus_tokens=10**6)
     with pytest.raises(ValueError, match="pass --multi-epoch"):
         trial_budget(cfg, BUDGET, corpus_tokens=1000)
-    assert trial_budget(cfg, BUDGET, corpus_tokens=1000, multi_epoch=True).epochs > 1
+    assert trial_budget(cfg, BUDGET, corpus_tokens=1000, multi_epoch=True).epochs(1000) > 1
 
 
 def test_space_parsing():
@@ -45,9 +45,16 @@ def test_space_parsing():
     assert parse_space(["optim.lr=loguniform:1e-4:1e-2"])["optim.lr"] == ("loguniform", 1e-4, 1e-2)
 
 
-def test_plan_prints_options():
-    table = plan_table(1e6, 1_500_000, ks=[1, 4], lams=[0.5, 2 / 3])
-    assert "| 4 | 0.667 | 0.500 | 2,000,000 |" in table and "multi-epoch" in table
+def test_plan_prints_what_tune_trains():
+    cfg = apply_overrides(presets.tiny(), ["optim.tokens_per_step=512"])
+    table = plan_table(BUDGET, 6_000, ks=[1, 4], lams=[0.5, 0.75], tokens_per_step=512)
+    for k, lam in [(4, 0.5), (4, 0.75)]:  # the plan's row is the trial's data plan, token for token
+        b = trial_budget(apply_overrides(cfg, [f"patch.k={k}", f"patch.lam={lam}"]), BUDGET, corpus_tokens=10**6)
+        trial = trial_config(cfg, {"patch.k": k, "patch.lam": lam}, BUDGET, corpus_tokens=10**6)
+        assert (trial.data.max_tokens, trial.data.patch_tokens) == (b.data_tokens, b.patch_tokens)
+        assert f"| {k} | {lam:.3g} | {b.lam:.4f} | {b.relative_cost:.3f} | {b.data_tokens:,} | {b.patch_tokens:,} |" \
+            in table
+    assert "multi-epoch" in table
 
 
 @pytest.mark.ray

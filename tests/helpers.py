@@ -1,0 +1,55 @@
+"""Helpers shared by the tests and the drill script: block audits and Ray Train's registered checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def blocks_by_step(run: Path) -> dict[str, list[int]]:
+    """'phase:step' -> the blocks trained at that step by the last attempt (worker group) that ran it."""
+    latest: dict[str, tuple[float, int]] = {}
+    rows = records(run)
+    for r in rows:
+        key = f"{r['phase']}:{r['step']}"
+        if key not in latest or r["t"] > latest[key][0]:
+            latest[key] = (r["t"], r["attempt"])
+    out: dict[str, list[int]] = {}
+    for r in rows:
+        key = f"{r['phase']}:{r['step']}"
+        if r["attempt"] == latest[key][1]:
+            out.setdefault(key, []).extend(r["blocks"])
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def records(run: Path) -> list[dict]:
+    rows = []
+    for f in sorted(run.glob("blocks-rank*.jsonl")):
+        rows += [json.loads(x) for x in f.read_text().splitlines()]
+    return rows
+
+
+def registered(run: Path) -> list[tuple[int, int]]:
+    """(global step, writing worker count) of the checkpoints Ray Train has registered (its manager snapshot)."""
+    snap = run / "checkpoint_manager_snapshot.json"
+    try:
+        names = [c["checkpoint_dir_name"] for c in json.loads(snap.read_text()).get("checkpoint_results", [])]
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or caught mid-write
+        return []
+    out = []
+    for n in names:
+        try:
+            out.append((int(n.split("-")[1]), json.loads((run / n / "meta.json").read_text())["world_size"]))
+        except FileNotFoundError:  # deleted by retention since
+            pass
+    return out
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """Global step -> training loss logged at it (metrics.jsonl; log_every=1 logs every step)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "train/loss" in r:
+            out[r["step"]] = r["train/loss"]
+    return out
