@@ -370,6 +370,17 @@ def _coerce(value: Any, t: Any, name: str) -> Any:
     raise TypeError(f"unsupported annotation {t!r} for {name}")
 
 
+def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """A new validated config with typed field values replaced, section by section:
+    `replace(cfg, data={"shards": path}, patch={"lam": 0.0})`. Library code edits configs with this; dotted
+    string overrides are for the command line, YAML and Tune's parameter space."""
+    kw: dict[str, Any] = {}
+    for name, values in sections.items():
+        current = getattr(cfg, name)
+        kw[name] = dataclasses.replace(current, **values) if dataclasses.is_dataclass(current) else values
+    return dataclasses.replace(cfg, **kw)
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Return a new validated config with dotted `key=value` overrides applied (unknown keys raise)."""
     d = cfg.to_dict()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from raypatch.checkpoint import TrainState, check_checkpoint, check_compatible, export_hf, find_latest
-from raypatch.config import Config, apply_overrides
+from raypatch.config import Config, replace
 from raypatch.data import PhasePlan, plan_dicts, plan_from_config
 from raypatch.metrics import plot_runs
 from raypatch.optim import grad_accum_steps
@@ -33,9 +33,8 @@ def default_data(cfg: Config) -> Config:
     from raypatch.prepare import prepare, train_tokenizer
     from raypatch.shards import file_sha256
 
-    overrides = []
     if not cfg.eval.wikitext and DEFAULT_WIKITEXT.exists():
-        overrides.append(f"eval.wikitext={DEFAULT_WIKITEXT}")
+        cfg = replace(cfg, eval={"wikitext": str(DEFAULT_WIKITEXT)})
     if not cfg.data.shards:
         out = Path(cfg.checkpoint.storage_path).expanduser().resolve() / "data" / f"default-v{cfg.model.vocab_size}"
         fresh = False
@@ -51,8 +50,8 @@ def default_data(cfg: Config) -> Config:
             # Shuffled: the sample lists documents in path order (FAQ, HOWTOs, reference, tutorial, library a-o),
             # so in order the patch and token phases would read different parts of the documentation.
             prepare([str(DEFAULT_CORPUS)], tok, str(out), overwrite=True, val_every=20, shuffle_seed=0)
-        overrides.append(f"data.shards={out}")
-    return apply_overrides(cfg, overrides) if overrides else cfg
+        cfg = replace(cfg, data={"shards": str(out)})
+    return cfg
 
 
 def train_and_compare(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
@@ -60,7 +59,7 @@ def train_and_compare(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
     cfg = default_data(cfg)
     runs = []
     if cfg.compare_baseline and cfg.patch.lam > 0:
-        base = apply_overrides(cfg, ["patch.lam=0", f"checkpoint.name={cfg.checkpoint.name}-token-only"])
+        base = replace(cfg, patch={"lam": 0.0}, checkpoint={"name": f"{cfg.checkpoint.name}-token-only"})
         runs.append(("token-only", base))
     runs.append((f"patch K={cfg.patch.k} λ={cfg.patch.lam:.3g}", cfg))
     results = []

@@ -19,6 +19,7 @@ from raypatch.config import (
     ScaleConfig,
     _fail,
     apply_overrides,
+    replace,
 )
 
 
@@ -118,14 +119,14 @@ def load_config(source: str, overrides: list[str] | None = None) -> Config:
 
 def absolute_paths(cfg: Config) -> Config:
     """Resolve relative paths against the current directory: Ray workers and Tune trials run elsewhere."""
-    fixes = []
-    for key, value in (("data.shards", cfg.data.shards), ("eval.wikitext", cfg.eval.wikitext),
-                       ("checkpoint.storage_path", cfg.checkpoint.storage_path)):
+
+    def fix(value: str) -> str:
         if value and "://" not in value and not Path(value).expanduser().is_absolute():
-            fixes.append(f"{key}={Path(value).expanduser().resolve()}")
-        elif value.startswith("~"):
-            fixes.append(f"{key}={Path(value).expanduser()}")
-    return apply_overrides(cfg, fixes) if fixes else cfg
+            return str(Path(value).expanduser().resolve())
+        return str(Path(value).expanduser()) if value.startswith("~") else value
+
+    return replace(cfg, data={"shards": fix(cfg.data.shards)}, eval={"wikitext": fix(cfg.eval.wikitext)},
+                   checkpoint={"storage_path": fix(cfg.checkpoint.storage_path)})
 
 
 def _flatten(d: dict[str, Any], prefix: str = "", *, source: str = "") -> list[tuple[str, Any]]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from raypatch.checkpoint import TrainState
-from raypatch.config import Config, apply_overrides, set_dotted, to_yaml
+from raypatch.config import Config, apply_overrides, replace, set_dotted, to_yaml
 from raypatch.patching import PhaseBudget, budget_split
 from raypatch.safety import InputError, find_input_error
 
@@ -101,14 +101,12 @@ def trial_config(base: Config, params: dict[str, Any], budget: float, *, corpus_
     """The base config with a trial's parameters, its data budget and its run name."""
     cfg = apply_overrides(base, [f"{k}={v}" for k, v in params.items()])
     if cfg.patch.k == 1:
-        cfg = apply_overrides(cfg, ["patch.lam=0"])
+        cfg = replace(cfg, patch={"lam": 0.0})
     b = trial_budget(cfg, budget, corpus_tokens=corpus_tokens, flops_per_pos=flops_per_pos, multi_epoch=multi_epoch)
     # The whole-step phase budgets go to the data plan as they are; λ is the trained share, for the record.
-    over = [f"patch.lam={b.lam!r}", f"data.max_tokens={b.data_tokens}", f"data.patch_tokens={b.patch_tokens}",
-            f"data.epochs={b.epochs(corpus_tokens)}", "compare_baseline=false"]
-    if name:
-        over.append(f"checkpoint.name={name}")
-    return apply_overrides(cfg, over)
+    cfg = replace(cfg, patch={"lam": b.lam}, compare_baseline=False,
+                  data={"max_tokens": b.data_tokens, "patch_tokens": b.patch_tokens, "epochs": b.epochs(corpus_tokens)})
+    return replace(cfg, checkpoint={"name": name}) if name else cfg
 
 
 # --- the Tune driver -------------------------------------------------------------------------------------
@@ -126,7 +124,7 @@ def train_driver(config: dict[str, Any]) -> None:
     cfg = trial_config(base, config["params"], config["budget"], corpus_tokens=config["corpus_tokens"],
                        flops_per_pos=config.get("flops_per_pos"), multi_epoch=config.get("multi_epoch", False),
                        name=f"trial-{trial}")
-    cfg = apply_overrides(cfg, [f"checkpoint.storage_path={config['trials_dir']}"])
+    cfg = replace(cfg, checkpoint={"storage_path": config["trials_dir"]})
     preflight(cfg)
     t0 = time.perf_counter()
     result = build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
@@ -270,7 +268,7 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: str | Path, *, budget: fl
     if ok:
         best = min(ok, key=lambda r: r["val_loss"])
         cfg = Config.from_dict(best["config"])
-        cfg = apply_overrides(cfg, [f"checkpoint.name=best-of-{out.name}"])
+        cfg = replace(cfg, checkpoint={"name": f"best-of-{out.name}"})
         head = f"# best trial {best['trial']}: final val loss {best['val_loss']:.4f}; run it with raypatch train\n"
         (out / "best.yaml").write_text(head + to_yaml(cfg))
         paths["best"] = out / "best.yaml"
