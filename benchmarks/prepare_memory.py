@@ -105,7 +105,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"prepare_memory_{args.kind}_{args.mb}mb"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"`python benchmarks/prepare_memory.py --mb {args.mb} --kind {args.kind}"
              + (f" --compare {args.compare}`" if args.compare else "`"),
              "", f"One JSONL document of {chars:,} characters ({args.kind}) on one line, plus 20 ordinary documents; "

@@ -41,8 +41,8 @@ def start_local_ray(num_cpus: int, *, log_to_driver: bool = True) -> None:
 
     # Every port of a private cluster on loopback: with ENABLE_RAY_CLUSTER off (Ray's own single-machine mode,
     # the default on macOS and Windows) the node IP is 127.0.0.1 and the GCS, raylet, workers, dashboard agent,
-    # runtime-env agent and metrics servers all bind to it (measured: 14 sockets on all interfaces before,
-    # none after). `_node_ip_address="127.0.0.1"` does not do it: Ray swaps a localhost value for the host's IP.
+    # runtime-env agent and metrics servers all bind to it (tests/test_safety.py checks every listening socket
+    # of the cluster). `_node_ip_address="127.0.0.1"` does not do it: Ray swaps a localhost value for the host's IP.
     # Ray reads the variable at import; the constant covers a process that imported ray already.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray

@@ -64,8 +64,7 @@ def check_not_overlapping(out: str | Path, inputs: Iterable[tuple[str, str | Pat
 def foreign_entries(d: Path, owned: set[str]) -> list[str]:
     """Paths under `d` (relative, '/'-separated) that are not in `owned` nor a directory leading to one:
     what raypatch did not write there. Symbolic links are never followed."""
-    parents = {str(Path(o).parent.as_posix()) for o in owned}
-    parents |= {p for o in owned for p in (Path(o).parents[i].as_posix() for i in range(len(Path(o).parents)))}
+    parents = {p.as_posix() for o in owned for p in Path(o).parents}  # every folder on the way to an owned file
     out = []
     for root, dirs, files in os.walk(d, followlinks=False):
         base = Path(root).relative_to(d)
