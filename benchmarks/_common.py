@@ -25,14 +25,14 @@ for _k, _v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_V2_MIGRATION_WA
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SHARED = ROOT.parent / "shared" / "data"
-PY_DOCS = SHARED / "python-3.11-docs.jsonl.gz"
-WIKITEXT = SHARED / "wikitext103-test-docs.jsonl.gz"
+EMBEDDED = ROOT / "raypatch" / "corpus"
+# The full corpora beside the repository when there (this project's machines); else the samples every clone has.
+PY_DOCS = next(p for p in (SHARED / "python-3.11-docs.jsonl.gz", EMBEDDED / "python-docs-sample.jsonl.gz")
+               if p.exists() or p.parent == EMBEDDED)
+WIKITEXT = next(p for p in (SHARED / "wikitext103-test-docs.jsonl.gz", EMBEDDED / "wikitext103-test-sample.jsonl.gz")
+                if p.exists() or p.parent == EMBEDDED)
 # Shards are cached outside the repository (nothing to add to .gitignore); delete the folder to rebuild.
 CACHE = Path(os.environ.get("RAYPATCH_BENCH_CACHE", Path(tempfile.gettempdir()) / "raypatch-bench-cache"))
-
-SHARED_BOX = ("a shared 2-core CPU box (another engineer runs tests on it at the same time), so absolute timings "
-              "are noisy; ratios are measured side by side in one run")
-
 
 def machine() -> str:
     import torch
@@ -69,10 +69,8 @@ class LoadTracker:
 
     def summary(self) -> str:
         vals = [v for _, v in self.samples]
-        return (f"1-minute load average on this 2-core box during the run: {min(vals):.1f}–{max(vals):.1f} "
-                f"(samples: {', '.join(f'{lb} {v:.1f}' for lb, v in self.samples)})"
-                + ("; above ~3 the timings are contended by other processes and the ratios less trustworthy"
-                   if max(vals) > 3 else ""))
+        marks = ", ".join(f"{lb} {v:.1f}" for lb, v in self.samples)
+        return f"1-minute load average {min(vals):.1f}–{max(vals):.1f} ({marks})"
 
 
 def command_line() -> str:
@@ -164,11 +162,17 @@ def shards(vocab_size: int, *, num_docs: int = 0, val_every: int = 50, shuffle_s
     return str(out)
 
 
-def write_outputs(out_stem: Path, result: dict[str, Any], md: str) -> None:
-    """<stem>.json and <stem>.md; the .md starts with the exact command."""
+def write_outputs(out_stem: Path, result: dict[str, Any], tables: str, command: str | None = None) -> None:
+    """<stem>.json (everything measured) and <stem>.md (the command, the machine, the load, then plain tables).
+
+    Interpretation is not generated: it lives in the hand-written benchmarks/results/findings.md.
+    """
     out_stem.parent.mkdir(parents=True, exist_ok=True)
     out_stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    out_stem.with_suffix(".md").write_text(f"Command: `{command_line()}`\n\n{md.rstrip()}\n")
+    head = [f"Command: `{command or command_line()}`", "",
+            f"Machine: {result.get('machine', '-')}; {result.get('load', 'load not sampled')}; "
+            f"wall-clock {result.get('wall_s', float('nan')):.0f} s.", ""]
+    out_stem.with_suffix(".md").write_text("\n".join(head) + "\n" + tables.rstrip() + "\n")
     print(f"\nwrote {out_stem.with_suffix('.md')} and {out_stem.with_suffix('.json')}", flush=True)
 
 
@@ -176,7 +180,3 @@ def md_table(head: list[str], rows: list[list[Any]]) -> str:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
-
-
-def verdict(ok: bool, target: str) -> str:
-    return f"target {target}: {'met' if ok else 'missed'}"

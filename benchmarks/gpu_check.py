@@ -189,11 +189,7 @@ def report(r: dict[str, Any]) -> str:
             lines.append(f"| {ph} | {x['k']} | {x['grad_accum']} | {x['step_s']:.3f} ({x['step_s_min']:.3f}–"
                          f"{x['step_s_max']:.3f}) | {x['tokens_per_s']:,.0f} | {x['positions_per_s']:,.0f} | "
                          f"{x['mfu']:.1%} | {mem} |")
-        k = r["k"]
-        ok = t["speedup"] >= 0.95 * k
-        lines += ["", "## (c) patch speedup", "",
-                  f"patch tokens/s ÷ token tokens/s at K={k}: **{t['speedup']:.2f}** (ideal {k}; target ≥ "
-                  f"{0.95 * k:.2f} = 0.95·K: {'met' if ok else 'missed'})."]
+        lines += ["", f"patch tokens/s ÷ token tokens/s at K={r['k']}: {t['speedup']:.2f} (target ≥ 0.95·K)."]
     for name, err in r.get("errors", {}).items():
         lines += ["", f"Section {name} failed: `{err}`"]
     return "\n".join(lines)
