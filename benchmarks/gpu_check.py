@@ -142,12 +142,13 @@ def throughput(cfg: Any, device: Any, args: argparse.Namespace, peak: float) -> 
         sec = sum(timed)
         tok_s = tokens_per_step * len(timed) / sec
         pos_s = tok_s / kk
+        mfu = pos_s * fpp / peak if peak else float("nan")  # no datasheet peak on CPU (dry run)
         res["phases"][phase] = {"k": kk, "grad_accum": ga, "step_s": sec / len(timed), "tokens_per_s": tok_s,
-                                "positions_per_s": pos_s, "mfu": pos_s * fpp / peak, "loss": float(loss.item()),
+                                "positions_per_s": pos_s, "mfu": mfu, "loss": float(loss.item()),
                                 "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30
                                 if device.type == "cuda" else None,
                                 "step_s_min": min(timed), "step_s_max": max(timed)}
-        print(f"  {phase}: {tok_s:,.0f} tokens/s, {pos_s:,.0f} positions/s, MFU {pos_s * fpp / peak:.1%}",
+        print(f"  {phase}: {tok_s:,.0f} tokens/s, {pos_s:,.0f} positions/s, MFU {mfu:.1%}",
               flush=True)
     res["speedup"] = res["phases"]["patch"]["tokens_per_s"] / res["phases"]["token"]["tokens_per_s"]
     del engine, model

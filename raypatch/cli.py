@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from raypatch.cluster import init_ray, quiet_env
+from raypatch.cluster import end_ray, init_ray, quiet_env
+from raypatch.console import capture, say
 from raypatch.presets import load_config
 from raypatch.safety import InputError, check_name
 
@@ -27,23 +28,28 @@ def tune_command(args: argparse.Namespace) -> dict[str, Path]:
         raise InputError("--rungs must be >= 1, --eta >= 2, --num-samples >= 1 and --concurrency >= 0")
     from raypatch.driver import default_data
 
-    base = default_data(load_config(args.config, args.set))
+    base = load_config(args.config, args.set)
     space = tune.parse_space(args.space)
-    flops_per_pos = tune.model_flops_per_position(base) if args.flops else None
-    init_ray()
-    t0 = time.perf_counter()
-    kw = {"flops_per_pos": flops_per_pos, "multi_epoch": args.multi_epoch, "concurrency": args.concurrency}
-    storage = str(Path(base.checkpoint.storage_path).expanduser().resolve())
-    if args.halving:
-        rows = tune.successive_halving(base, budget=args.budget, space=space, name=args.name, storage=storage,
-                                       rungs=args.rungs, eta=args.eta, **kw)
-    else:
-        rows = tune.run_search(base, budget=args.budget, space=space, name=args.name, storage=storage,
-                               search=args.search, num_samples=args.num_samples, **kw)
-    paths = tune.write_outputs(rows, Path(storage) / args.name, budget=args.budget / (flops_per_pos or 1),
-                               wall_s=time.perf_counter() - t0)
-    print(paths["md"].read_text())
-    print("\n".join(f"{k}: {v}" for k, v in paths.items()), flush=True)
+    storage = Path(base.checkpoint.storage_path).expanduser().resolve()
+    log = storage / "logs" / f"tune-{args.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    with capture(log) as log:
+        if log:
+            say(f"raypatch tune: Ray, Tune, DeepSpeed and worker output go to {log}")
+        init_ray()
+        base = default_data(base)
+        flops_per_pos = tune.model_flops_per_position(base) if args.flops else None
+        t0 = time.perf_counter()
+        kw = {"flops_per_pos": flops_per_pos, "multi_epoch": args.multi_epoch, "concurrency": args.concurrency}
+        if args.halving:
+            rows = tune.successive_halving(base, budget=args.budget, space=space, name=args.name,
+                                           storage=str(storage), rungs=args.rungs, eta=args.eta, **kw)
+        else:
+            rows = tune.run_search(base, budget=args.budget, space=space, name=args.name, storage=str(storage),
+                                   search=args.search, num_samples=args.num_samples, **kw)
+        paths = tune.write_outputs(rows, storage / args.name, budget=args.budget / (flops_per_pos or 1),
+                                   wall_s=time.perf_counter() - t0)
+        say(paths["md"].read_text())
+        say("\n".join(f"{k}: {v}" for k, v in paths.items()) + (f"\nlog: {log}" if log else ""))
     return paths
 
 
@@ -130,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", default="demo", help="a preset (tiny, demo, paper-370m) or a YAML file")
     tr.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-3")
     tr.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    tr.add_argument("--gpu-hour-price", type=float, default=None, metavar="PRICE",
+                    help="price of one device-hour: the savings meter then shows money saved (gpu_hour_price)")
 
     tu = sub.add_parser("tune", help="search K and λ (and friends) under a fixed compute budget with Ray Tune")
     tu.add_argument("--config", default="demo", help="the base preset or YAML file")
@@ -179,10 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_command(args)
     except KeyboardInterrupt:
-        print("raypatch: interrupted", file=sys.stderr)
+        print("raypatch: interrupted; stopping the Ray processes this command started", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the one place that turns every error into one line
         return report_error(e)
+    finally:
+        end_ray()
     return 0
 
 
@@ -226,13 +236,23 @@ def run_command(args: argparse.Namespace) -> None:
             from raypatch.prepare import train_tokenizer
 
             train_tokenizer(args.input, args.tokenizer, vocab_size=args.train_tokenizer, text_field=args.text_field)
-        init_ray()
-        m = prepare(args.input, args.tokenizer, args.out, text_field=args.text_field, val_every=args.val_every,
-                    shard_tokens=args.shard_tokens, overwrite=args.overwrite, shuffle_seed=args.shuffle_seed)
-        print(json.dumps({k: {"rows": v["rows"], "tokens": v["tokens"], "shards": len(v["shards"])}
-                          for k, v in m["splits"].items()}))
+        import time
+
+        log = Path("~/.cache/raypatch/logs").expanduser() / f"prepare-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        with capture(log) as log:
+            if log:
+                say(f"raypatch prepare: Ray output goes to {log}")
+            init_ray()
+            m = prepare(args.input, args.tokenizer, args.out, text_field=args.text_field, val_every=args.val_every,
+                        shard_tokens=args.shard_tokens, overwrite=args.overwrite, shuffle_seed=args.shuffle_seed)
+            say(json.dumps({k: {"rows": v["rows"], "tokens": v["tokens"], "shards": len(v["shards"])}
+                            for k, v in m["splits"].items()}))
     elif args.cmd == "train":
         cfg = load_config(args.config, args.set)
+        if args.gpu_hour_price is not None:
+            from raypatch.config import replace
+
+            cfg = replace(cfg, gpu_hour_price=args.gpu_hour_price)
         if args.print_config:
             from raypatch.config import to_yaml
 
@@ -240,7 +260,6 @@ def run_command(args: argparse.Namespace) -> None:
             return
         from raypatch.driver import train_and_compare
 
-        init_ray()
         train_and_compare(cfg)
     elif args.cmd == "tune":
         tune_command(args)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import time
+
+START_ATTEMPTS = 3
+RETRY_S = 10
+_started: list[bool] = []  # init_ray connected this process: end_ray may shut it down
 
 
 def quiet_env() -> None:
@@ -25,6 +30,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(log_to_driver=True)
     else:
         start_local_ray(num_cpus or max(4, (os.cpu_count() or 2) + 2))
+    _started.append(True)
 
 
 def start_local_ray(num_cpus: int, *, log_to_driver: bool = True) -> None:
@@ -55,8 +61,49 @@ def start_local_ray(num_cpus: int, *, log_to_driver: bool = True) -> None:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, log_to_driver=log_to_driver, logging_level="warning")
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                     dashboard_port=port, log_to_driver=log_to_driver, logging_level="warning")
+            return
+        except Exception as e:  # noqa: BLE001 - "node timed out during startup" on a busy machine
+            ray.shutdown()
+            why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            if attempt == START_ATTEMPTS:
+                from raypatch.safety import InputError
+
+                raise InputError(f"the local Ray cluster did not start in {START_ATTEMPTS} attempts ({why}); "
+                                 f"the machine may be overloaded: retry when it is quieter") from None
+            from raypatch.console import say
+
+            say(f"raypatch: the local Ray cluster did not start ({why}); retrying in {RETRY_S} s "
+                f"(attempt {attempt + 1}/{START_ATTEMPTS})", err=True)
+            time.sleep(RETRY_S)
+
+
+def end_ray() -> None:
+    """Shut Ray down and end every process this command started (raylet, GCS, workers, the Train controller),
+    also after Ctrl-C or an error: a worker busy in C++ can outlive its raylet and would be orphaned."""
+    import ray
+
+    if not _started or not ray.is_initialized():
+        return  # a Ray session the caller owns (a test's fixture, a notebook) stays up
+    _started.clear()
+    try:
+        import psutil
+
+        ours = psutil.Process().children(recursive=True)
+    except Exception:  # noqa: BLE001 - psutil comes with Ray; without it, ray.shutdown alone
+        ours = []
+    ray.shutdown()
+    if ours:
+        _, alive = psutil.wait_procs(ours, timeout=5)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=5)
 
 
 def quiet_worker_logs() -> None:
@@ -72,3 +119,7 @@ def quiet_worker_logs() -> None:
         pass
     for name in names:
         logging.getLogger(name).setLevel(logging.WARNING)
+    import warnings
+
+    # torch.distributed's deprecation notices about APIs DeepSpeed calls: nothing a user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")

@@ -265,6 +265,8 @@ class Config:
     """One log line every N optimizer steps."""
     compare_baseline: bool = False
     """Also train the token-only baseline (λ=0) on the same data and print both side by side."""
+    gpu_hour_price: float = 0.0
+    """Price of one device-hour (GPU, or CPU worker) for the savings meter; 0 shows FLOPs and % only."""
 
     def __post_init__(self) -> None:
         if self.data.seq_len > self.model.max_position_embeddings:
@@ -275,6 +277,8 @@ class Config:
                   f"data.seq_len={self.data.seq_len} tokens (patch.context='tokens')")
         if self.log_every < 1:
             _fail("log_every", f"must be >= 1, got {self.log_every}")
+        if not self.gpu_hour_price >= 0:
+            _fail("gpu_hour_price", f"must be >= 0, got {self.gpu_hour_price}")
         # Every phase's optimizer step must split into whole micro-batches on every worker.
         # With elastic training every size the group can take must keep the global batch exact.
         sizes = range(self.scale.min_workers or self.scale.num_workers, self.scale.num_workers + 1)

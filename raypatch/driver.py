@@ -16,6 +16,7 @@ from typing import Any
 
 from raypatch.checkpoint import TrainState, check_checkpoint, check_compatible, export_hf, find_latest
 from raypatch.config import Config, replace
+from raypatch.console import relay, say
 from raypatch.data import PhasePlan, plan_dicts, plan_from_config
 from raypatch.metrics import plot_runs
 from raypatch.optim import grad_accum_steps
@@ -28,8 +29,11 @@ DEFAULT_CORPUS = CORPUS_DIR / "python-docs-sample.jsonl.gz"
 DEFAULT_WIKITEXT = CORPUS_DIR / "wikitext103-test-sample.jsonl.gz"
 
 
-def default_data(cfg: Config) -> Config:
-    """With no data.shards, tokenize the embedded corpus once (a BPE of model.vocab_size) and use it."""
+def default_data(cfg: Config, *, prepare_now: bool = True) -> Config:
+    """With no data.shards, tokenize the embedded corpus once (a BPE of model.vocab_size) and use it.
+
+    With prepare_now=False only the paths are filled in (to recognise a finished run without starting Ray).
+    """
     from raypatch.prepare import prepare, train_tokenizer
     from raypatch.shards import file_sha256
 
@@ -43,8 +47,11 @@ def default_data(cfg: Config) -> Config:
             fresh = m["sources"][0]["sha256"] == file_sha256(DEFAULT_CORPUS) and m.get("shuffle_seed") == 0
         except (ValueError, KeyError, IndexError):
             fresh = False
-        if not fresh:
-            print(f"preparing the embedded corpus {DEFAULT_CORPUS.name} -> {out}", flush=True)
+        if not fresh and prepare_now:
+            from raypatch.cluster import init_ray
+
+            say(f"preparing the embedded corpus {DEFAULT_CORPUS.name} -> {out} (once; cached)")
+            init_ray()
             tok = train_tokenizer([str(DEFAULT_CORPUS)], str(out.parent / f"tokenizer-v{cfg.model.vocab_size}"),
                                   vocab_size=cfg.model.vocab_size, overwrite=True)
             # Shuffled: the sample lists documents in path order (FAQ, HOWTOs, reference, tutorial, library a-o),
@@ -54,27 +61,114 @@ def default_data(cfg: Config) -> Config:
     return cfg
 
 
-def train_and_compare(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
-    """`raypatch train`: the run in cfg, and with compare_baseline the token-only run on the same data."""
-    cfg = default_data(cfg)
+def planned_runs(cfg: Config) -> list[tuple[str, Config]]:
+    """`raypatch train`'s runs: with compare_baseline, the token-only run on the same data first."""
     runs = []
     if cfg.compare_baseline and cfg.patch.lam > 0:
         base = replace(cfg, patch={"lam": 0.0}, checkpoint={"name": f"{cfg.checkpoint.name}-token-only"})
         runs.append(("token-only", base))
     runs.append((f"patch K={cfg.patch.k} λ={cfg.patch.lam:.3g}", cfg))
-    results = []
-    for label, c in runs:
-        print(f"\n=== {label}: run {run_dir_of(c)}", flush=True)
-        results.append((label, fit(c)))
-    table = comparison_table(results)
-    print("\n" + table, flush=True)
-    if len(results) > 1:
-        out = run_dir_of(cfg)
-        png = plot_runs({label: Path(s["run_dir"]) / "metrics.jsonl" for label, s in results},
-                        out / "comparison.png", title="token-level validation loss vs compute")
-        (out / "comparison.md").write_text(table + "\n")
-        print(f"\nplot: {png}\ntable: {out / 'comparison.md'}", flush=True)
+    return runs
+
+
+def log_file(cfg: Config, command: str) -> Path:
+    """Where a command's Ray, DeepSpeed and worker output goes: beside the run directories."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return run_dir_of(cfg).parent / "logs" / f"{command}-{cfg.checkpoint.name}-{stamp}.log"
+
+
+def train_and_compare(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
+    """`raypatch train`: the run in cfg, and with compare_baseline the token-only run on the same data.
+
+    Runs that already finished (their summary matches this config and their newest checkpoint) are reported,
+    not retrained, and nothing is written: a rerun of a finished command prints its results and exits.
+    """
+    from raypatch.cluster import init_ray
+    from raypatch.console import capture
+
+    runs = planned_runs(default_data(cfg, prepare_now=False))
+    done = {label: finished_summary(c) for label, c in runs}
+    if all(done.values()):
+        say("already trained: reporting the finished run" + ("s" if len(runs) > 1 else "") + " (no file changes; "
+            "use another checkpoint.name, or remove the run directory, to train again)")
+        results = [(label, done[label]) for label, _ in runs]
+        say("\n" + comparison_table(results))
+        say(outputs(runs, results, cfg, None))
+        return results
+    with capture(log_file(cfg, "train")) as log:
+        if log:
+            say(f"raypatch train: Ray, DeepSpeed and worker output go to {log}")
+        init_ray()
+        cfg = default_data(cfg)
+        runs = planned_runs(cfg)
+        results = []
+        for label, c in runs:
+            say(f"\n=== {label}: run {run_dir_of(c)}")
+            if done.get(label):
+                say("finished earlier: not retrained")
+                results.append((label, done[label]))
+                continue
+            results.append((label, fit(c)))
+        say("\n" + comparison_table(results))
+        if len(results) > 1:
+            out = run_dir_of(cfg)
+            plot_runs({label: Path(s["run_dir"]) / "metrics.jsonl" for label, s in results},
+                      out / "comparison.png", title="token-level validation loss vs compute")
+            (out / "comparison.md").write_text(comparison_table(results) + "\n")
+        say(outputs(runs, results, cfg, log))
     return results
+
+
+COSMETIC = {"gpu_hour_price", "log_every", "compare_baseline"}  # change no trained weight
+
+
+def finished_summary(cfg: Config) -> dict[str, Any] | None:
+    """The summary of a run that finished with this config, if its newest checkpoint is the one the summary
+    describes; None when not started, interrupted or trained further since. A finished run whose config
+    differs in anything that shapes training is refused: resuming it would train nothing and erase its results.
+    """
+    run_dir = run_dir_of(cfg)
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    latest = None if is_uri(cfg.checkpoint.storage_path) else find_latest(run_dir)
+    if not summary.get("final") or latest is None or \
+            json.loads((latest / "meta.json").read_text())["state"]["global_step"] != \
+            (summary.get("state") or {}).get("global_step"):
+        return None
+    old, new = flatten(summary.get("config") or {}), flatten(cfg.to_dict())
+    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k) and k not in COSMETIC]
+    if diff:
+        raise InputError(f"run {run_dir} already finished with another config ({'; '.join(diff[:4])}"
+                         f"{'; ...' if len(diff) > 4 else ''}); use a new checkpoint.name to train this one")
+    return summary
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out |= flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def outputs(runs: list[tuple[str, Config]], results: list[tuple[str, dict[str, Any]]], cfg: Config,
+            log: Path | None) -> str:
+    """Where everything went: one line per output, the last thing a run prints."""
+    lines = ["", "outputs:"]
+    for (label, c), (_, s) in zip(runs, results):
+        d = run_dir_of(c)
+        lines.append(f"  {label}: {d}  (metrics.jsonl, val_loss_vs_compute.png, summary.json, checkpoints)")
+        if s.get("export"):
+            lines.append(f"    Hugging Face model: {s['export']}  (AutoModelForCausalLM.from_pretrained)")
+    if len(results) > 1:
+        d = run_dir_of(cfg)
+        lines.append(f"  comparison: {d / 'comparison.md'}, {d / 'comparison.png'}")
+    lines.append(f"  TensorBoard: tensorboard --logdir {run_dir_of(cfg).parent}")
+    if log:
+        lines.append(f"  log (Ray, DeepSpeed, workers): {log}")
+    return "\n".join(lines)
 
 
 def is_uri(path: str) -> bool:
@@ -145,7 +239,7 @@ def worker_resources(cfg: Config) -> dict[str, float]:
     return res
 
 
-def build_trainer(cfg: Config, *, callbacks: list | None = None) -> Any:
+def build_trainer(cfg: Config, *, callbacks: list | None = None, console: Any = None) -> Any:
     """The TorchTrainer for `cfg`: the same object for `raypatch train`, jobs and Tune trials."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -159,7 +253,8 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None) -> Any:
 
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir)},
+        # console: a Ray queue that carries rank 0's lines to the driver's terminal (console.relay), or None
+        train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir), "console": console},
         scaling_config=ScalingConfig(
             num_workers=(cfg.scale.min_workers, cfg.scale.num_workers) if cfg.scale.min_workers
             else cfg.scale.num_workers,
@@ -180,7 +275,8 @@ def fit(cfg: Config, *, export: bool = True) -> dict[str, Any]:
     preflight(cfg)
     run_dir = run_dir_of(cfg)
     t0 = time.perf_counter()
-    result = build_trainer(cfg).fit()
+    with relay() as console:
+        result = build_trainer(cfg, console=console).fit()
     if result.error is not None:
         raise find_input_error(result.error) or result.error
     summary = dict(result.return_value or {})
@@ -209,18 +305,26 @@ def summarize(cfg: Config, summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def comparison_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
-    """Markdown table of runs side by side: data, positions, FLOPs, cost, wall-clock, final perplexities."""
-    head = ("| run | K | λ | tokens (patch + token) | positions | FLOPs | relative cost | wall-clock per phase (s) "
-            "| val ppl | WikiText ppl |\n|---|---|---|---|---|---|---|---|---|---|")
+    """Markdown table of runs side by side: data, positions, FLOPs, cost, savings, wall-clock, perplexities."""
+    from raypatch.metrics import savings
+
+    price = max((s["config"].get("gpu_hour_price", 0.0) for _, s in rows), default=0.0)
+    head = ("| run | K | λ | tokens (patch + token) | positions | FLOPs | relative cost | saved vs token-only "
+            "| wall-clock per phase (s) | val ppl | WikiText ppl |\n|---|---|---|---|---|---|---|---|---|---|---|")
     out = [head]
     for name, s in rows:
         st = TrainState.from_dict(s["state"])
         cfg = s["config"]
         tp, tt = st.tokens["patch"], st.tokens["token"]
         pos = st.positions["patch"] + st.positions["token"]
+        hours = sum(st.seconds.values()) * cfg["scale"]["num_workers"] / 3600
+        sv = savings(tp + tt, pos, st.flops, hours, price)
+        saved = "-" if not sv["savings/fraction"] else (
+            f"{sv['savings/fraction']:.0%}, {sv['savings/flops']:.3g} FLOPs, {sv['savings/device_hours']:.2g} "
+            f"device-h" + (f", {sv['savings/cost']:,.2f}" if "savings/cost" in sv else ""))
         wall = f"{st.seconds['patch']:.0f} + {st.seconds['token']:.0f}"
         fmt = lambda v: f"{v:.2f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
         out.append(f"| {name} | {cfg['patch']['k'] if tp else 1} | {tp / (tp + tt):.3f} | {tp:,} + {tt:,} | {pos:,} "
-                   f"| {st.flops:.3g} | {s['relative_cost']:.3f} | {wall} | {fmt(s['val_ppl'])} "
+                   f"| {st.flops:.3g} | {s['relative_cost']:.3f} | {saved} | {wall} | {fmt(s['val_ppl'])} "
                    f"| {fmt(s['wikitext_ppl'])} |")
     return "\n".join(out)

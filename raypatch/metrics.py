@@ -20,10 +20,10 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, 
 
 
 def peak_flops(device: Any = None) -> float:
-    """Peak FLOP/s of one worker's device: a table for known GPUs, else a measured fp32 matmul rate on CPU.
+    """Datasheet peak FLOP/s of one worker's GPU (dense bf16), for MFU; 0.0 on CPU.
 
-    On CPU the "peak" is what this process reaches on a 1024² matmul, so CPU MFU reads as the fraction of
-    attainable matmul speed, not of a datasheet number.
+    A CPU has no comparable datasheet figure (a measured matmul rate gave "MFU" above 100 % once the training
+    loop ran more threads than the probe), so MFU is not reported there.
     """
     import torch
 
@@ -33,14 +33,32 @@ def peak_flops(device: Any = None) -> float:
             if key in name:
                 return value
         return 312e12
-    a = torch.randn(1024, 1024)
-    b = torch.randn(1024, 1024)
-    a @ b
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 0.2:
-        a @ b
-        n += 1
-    return 2 * 1024**3 * n / (time.perf_counter() - t0)
+    return 0.0
+
+
+def savings(tokens: int, positions: int, flops: float, device_hours: float, price: float = 0.0) -> dict[str, float]:
+    """Compute saved so far against token-only training on the same tokens.
+
+    Token-only training runs one model position per token; patch-level training ran `positions` for `tokens`.
+    FLOPs scale with positions; device-hours are extrapolated at this run's own time per position.
+    """
+    if not positions or tokens <= positions:
+        return {"savings/fraction": 0.0, "savings/flops": 0.0, "savings/device_hours": 0.0} | (
+            {"savings/cost": 0.0} if price else {})
+    extra = tokens / positions - 1  # what token-only would have spent on top, per unit spent here
+    out = {"savings/fraction": extra / (1 + extra), "savings/flops": flops * extra,
+           "savings/device_hours": device_hours * extra}
+    if price:
+        out["savings/cost"] = out["savings/device_hours"] * price
+    return out
+
+
+def savings_text(m: dict[str, Any]) -> str:
+    if "savings/fraction" not in m:
+        return ""
+    cost = f", {m['savings/cost']:,.2f} at the given price" if "savings/cost" in m else ""
+    return (f"saved {m['savings/fraction']:.0%} vs token-only ({m['savings/flops']:.3g} FLOPs, "
+            f"{m['savings/device_hours']:.3g} device-h{cost})")
 
 
 class MetricsWriter:
@@ -87,11 +105,13 @@ def log_line(m: dict[str, Any]) -> str:
     positions/s, FLOPs, MFU and data-wait."""
     done = m["tokens/total"] / max(1, m["tokens/planned"])
     bar = "#" * round(done * 20)
+    mfu = f" MFU {m['perf/mfu']:.1%}" if "perf/mfu" in m else ""
+    saved = f" | {savings_text(m)}" if m.get("savings/fraction") else ""
     return (f"[{bar:<20}] {done:4.0%} [{m['phase']} K={m['patch/k']}] "
             f"step {m['step']:>6} ({m['phase_step']}/{m['phase_steps']}) "
             f"loss {m['train/loss']:.4f} lr {m['train/lr']:.2e} | {m['perf/tokens_per_s']:,.0f} tok/s "
-            f"{m['perf/positions_per_s']:,.0f} pos/s | {m['perf/flops_total']:.3g} FLOPs MFU {m['perf/mfu']:.1%} "
-            f"| data-wait {m['perf/data_wait']:.1%}")
+            f"{m['perf/positions_per_s']:,.0f} pos/s | {m['perf/flops_total']:.3g} FLOPs{mfu} "
+            f"| data-wait {m['perf/data_wait']:.1%}{saved}")
 
 
 def plot_runs(runs: dict[str, str | Path], out_png: str | Path, title: str = "") -> Path:
@@ -109,15 +129,14 @@ def plot_runs(runs: dict[str, str | Path], out_png: str | Path, title: str = "")
         x = [r["perf/flops_total"] for r in rows]
         (line,) = ax.plot(x, [r["val/loss"] for r in rows], marker="o", ms=3, label=label)
         for r in read_metrics(path):
-            if r.get("event") == "switch":
-                ax.axvline(r["perf/flops_total"], color=line.get_color(), ls="--", lw=1)
-                ax.annotate("patch→token", (r["perf/flops_total"], ax.get_ylim()[1]), fontsize=8,
-                            color=line.get_color(), ha="left", va="top", rotation=90)
+            if r.get("event") == "switch":  # labelled in the legend, not on the curves
+                ax.axvline(r["perf/flops_total"], color=line.get_color(), ls="--", lw=1,
+                           label=f"{label}: patch→token switch")
     ax.set_xlabel("cumulative training FLOPs")
     ax.set_ylabel("token-level validation loss (K=1)")
     ax.set_title(title or "validation loss vs compute")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(out_png)
     fig.savefig(out, dpi=120)
@@ -140,8 +159,9 @@ class ThroughputWindow:
         """perf/* metrics of the window for a phase of patch size k; then starts a new window."""
         dt = time.perf_counter() - self.t0 - self.excluded
         out = {"perf/tokens_per_s": self.tokens / dt, "perf/positions_per_s": self.tokens / k / dt,
-               "perf/mfu": self.tokens / k * self.flops_per_position / dt / self.peak,
                "perf/data_wait": self.wait / dt}
+        if self.peak:  # GPUs only: see peak_flops
+            out["perf/mfu"] = self.tokens / k * self.flops_per_position / dt / self.peak
         self.reset()
         return out
 

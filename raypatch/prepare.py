@@ -487,7 +487,9 @@ def _tokenize_into(out: Path, files: list[str], tokenizer: str, tok: dict[str, A
     shuffler = DocShuffler(out / ".shuffle.tmp", shuffle_seed) if shuffle_seed is not None else None
     n_docs = n_tokens = 0
     pieces: list[np.ndarray] = []  # the pieces so far of a long document
-    bar = tqdm(desc="prepare", unit=" docs", disable=not progress)
+    from raypatch.console import terminal
+
+    bar = tqdm(desc="prepare", unit=" docs", disable=not progress, file=terminal())
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             errors = [e for e in batch.column("error").to_pylist() if e]

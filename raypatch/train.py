@@ -32,6 +32,7 @@ from raypatch.metrics import (
     log_due,
     log_line,
     peak_flops,
+    savings,
 )
 from raypatch.model import PatchLM, build_model, check_token_ids, loss_sum, num_params
 from raypatch.optim import deepspeed_config, grad_accum_steps, lr_at, param_groups, set_lr, start_phase
@@ -47,12 +48,21 @@ class Worker:
     rank: int
     world_size: int
     device: Any
+    console: Any = None
+    """The driver's queue to its terminal (raypatch.console.relay), or None: then stdout, which Ray forwards."""
 
     def say(self, msg: str) -> None:
+        if self.rank != 0:
+            return
+        if self.console is not None:
+            try:
+                self.console.put_nowait(msg)
+                return
+            except Exception:  # noqa: BLE001 - the driver is gone or busy: the line still reaches the worker log
+                self.console = None
         # Straight to stdout: Train V2 patches print() into its logger, which repeats each line on the driver.
-        if self.rank == 0:
-            sys.stdout.write(msg + "\n")
-            sys.stdout.flush()
+        sys.stdout.write(msg + "\n")
+        sys.stdout.flush()
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +79,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Seed, data plan, resume, engine, evaluation sets; then both phases, step by step."""
     cfg = Config.from_dict(config["cfg"])
     run_dir = Path(config["run_dir"])
-    w = start_worker(cfg)
+    w = start_worker(cfg, config.get("console"))
     # The data plan is a pure function of the manifest and the config: every worker computes the same.
     manifest = load_manifest(cfg.data.shards)
     plans = plan_from_config(cfg, manifest["splits"]["train"]["tokens"])
@@ -95,6 +105,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     log_loss = torch.zeros(2, dtype=torch.float64, device=w.device)  # sum and count since the last log line
     since_t, since_tokens = time.monotonic(), 0  # since the last checkpoint
     metrics: dict[str, Any] = {}
+    last_eval: dict[str, float] = {}
     jit_saved = False
     tps = cfg.optim.tokens_per_step
 
@@ -121,7 +132,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
             last = step + 1 == plan.num_steps
             if log_due(cfg.log_every, state.global_step, last):
-                m = log_metrics(state, plan, planned_tokens, log_loss, window, engine)
+                m = log_metrics(state, plan, planned_tokens, log_loss, window, engine, w.world_size,
+                                cfg.gpu_hour_price)
                 w.say(log_line(m))
                 writer.write(m)
             since_tokens += tps
@@ -130,10 +142,12 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             if not jit_saved and preemption_noticed(cfg, state, plan, planned_tokens, writer, w):
                 do_ckpt = jit_saved = True
             t_extra = time.perf_counter()
-            metrics = base_metrics(state, plan, planned_tokens)
             if eval_due(cfg.eval.every_steps, state.global_step, last):
-                metrics |= run_evaluation(engine, val_sets, cfg, state, plan, w)
-                writer.write(metrics | {"event": "eval"})
+                last_eval = run_evaluation(engine, val_sets, cfg, state, plan, w) | {"eval/step": state.global_step}
+                writer.write(base_metrics(state, plan, planned_tokens) | last_eval | {"event": "eval"})
+            # Every report carries the latest evaluation (eval/step says when): a checkpoint between evaluations
+            # still shows Tune the metric it ranks trials by.
+            metrics = base_metrics(state, plan, planned_tokens) | last_eval
             if last and phase_index + 1 < len(plans):
                 state.next_phase(phase_index + 1)
                 writer.write(base_metrics(state, plan, planned_tokens) | {"event": "switch"})
@@ -156,7 +170,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 # --- what the loop calls ------------------------------------------------------------------------------------
 
 
-def start_worker(cfg: Config) -> Worker:
+def start_worker(cfg: Config, console: Any = None) -> Worker:
     import ray.train
     import ray.train.torch
 
@@ -164,13 +178,17 @@ def start_worker(cfg: Config) -> Worker:
     ctx = ray.train.get_context()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    return Worker(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+    return Worker(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), console)
 
 
 def build_engine(cfg: Config, plan: PhasePlan, world_size: int, *, universal: bool) -> tuple[Any, int]:
     """The DeepSpeed engine around a fresh model (weights come from the checkpoint when resuming)."""
     import deepspeed
+    import deepspeed.ops
 
+    # DeepSpeed's CPU shared-memory op serves only inference_all_reduce, never training, yet its backend
+    # JIT-compiles it (about 2 minutes on a fresh machine) at the first initialize: not compatible = not built.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     model = PatchLM(build_model(cfg.model, seed=cfg.seed))
     n_params = num_params(model.hf)
     grad_accum = grad_accum_steps(plan.blocks_per_step, plan.phase, world_size, cfg.optim.micro_batch_size)
@@ -294,14 +312,16 @@ def base_metrics(state: TrainState, plan: PhasePlan, planned_tokens: int) -> dic
 
 
 def log_metrics(state: TrainState, plan: PhasePlan, planned_tokens: int, log_loss: torch.Tensor,
-                window: ThroughputWindow, engine: Any) -> dict[str, Any]:
-    """The log line's metrics (collective: the loss is averaged over ranks)."""
+                window: ThroughputWindow, engine: Any, world_size: int, price: float) -> dict[str, Any]:
+    """The log line's metrics (collective: the loss is averaged over ranks), with the savings meter."""
     import torch.distributed as dist
 
     dist.all_reduce(log_loss)
+    device_hours = sum(state.seconds.values()) * world_size / 3600
     m = base_metrics(state, plan, planned_tokens) | {
         "train/loss": float(log_loss[0] / log_loss[1]), "train/lr": engine.optimizer.param_groups[0]["lr"],
-        **window.rates(plan.k)}
+        **window.rates(plan.k),
+        **savings(sum(state.tokens.values()), sum(state.positions.values()), state.flops, device_hours, price)}
     if plan.phase == "patch":  # never mixed with the token-level losses
         m["train/patch_loss"] = m["train/loss"]
     log_loss.zero_()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,9 @@ def run_search(base: Config, *, budget: float, space: dict[str, Any] | None = No
     from raypatch.shards import load_manifest
 
     corpus = load_manifest(base.data.shards)["splits"]["train"]["tokens"]
+    # Reports carry the latest val/loss, but a checkpoint saved before a trial's first evaluation has none;
+    # Tune's strict check would end the whole search on it. Trials are ranked on their final report.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     exp_dir = Path(storage).expanduser().resolve() / name
     trials_dir = exp_dir / "trials"
     common = {"base": base.to_dict(), "budget": budget, "corpus_tokens": corpus, "flops_per_pos": flops_per_pos,

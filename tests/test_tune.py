@@ -17,10 +17,11 @@ BUDGET = 4096  # model positions per trial (tokens in the token phase + patches 
 
 def base(shards: str, storage: Path):
     # 512 tokens per step: whole rows for K up to 4 at T=32 on 2 workers x 2 rows; half a CPU per worker
-    # so that two trials run at once on the 4 logical CPUs of the test cluster.
+    # so that two trials run at once on the 4 logical CPUs of the test cluster. A checkpoint at step 3, before
+    # any evaluation (only at phase ends): its report once ended the whole search on Tune's strict metric check.
     return apply_overrides(presets.tiny(), [f"data.shards={shards}", f"checkpoint.storage_path={storage}",
                                             "optim.tokens_per_step=512", "scale.cpus_per_worker=0.5",
-                                            "checkpoint.every_steps=0", "eval.wikitext="])
+                                            "checkpoint.every_steps=3", "eval.every_steps=0", "eval.wikitext="])
 
 
 def test_budget_split_is_whole_steps_within_one_step_of_the_budget():
