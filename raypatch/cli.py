@@ -30,6 +30,9 @@ def tune_command(args: argparse.Namespace) -> dict[str, Path]:
 
     base = load_config(args.config, args.set)
     space = tune.parse_space(args.space)
+    from raypatch.driver import check_storage
+
+    check_storage(base)  # the log file goes under the storage path
     storage = Path(base.checkpoint.storage_path).expanduser().resolve()
     log = storage / "logs" / f"tune-{args.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     with capture(log) as log:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +97,10 @@ def train_and_compare(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
         say("\n" + comparison_table(results))
         say(outputs(runs, results, cfg, None))
         return results
+    check_storage(cfg)  # the log file goes beside the run directories: they must be possible first
     with capture(log_file(cfg, "train")) as log:
-        if log:
-            say(f"raypatch train: Ray, DeepSpeed and worker output go to {log}")
+        say(f"raypatch train: outputs go to {run_dir_of(cfg).parent}"
+            + (f"; Ray, DeepSpeed and worker output to {log}" if log else ""))
         init_ray()
         cfg = default_data(cfg)
         runs = planned_runs(cfg)
@@ -119,31 +122,31 @@ def train_and_compare(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
     return results
 
 
-COSMETIC = {"gpu_hour_price", "log_every", "compare_baseline"}  # change no trained weight
+# Fields that change no trained weight, and a run's identity (a run directory may have been moved or copied).
+IGNORED = {"gpu_hour_price", "log_every", "compare_baseline", "checkpoint.name", "checkpoint.storage_path"}
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The fields that shape training and differ between two config dicts, as 'key: old -> new'."""
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k) and k not in IGNORED]
 
 
 def finished_summary(cfg: Config) -> dict[str, Any] | None:
     """The summary of a run that finished with this config, if its newest checkpoint is the one the summary
-    describes; None when not started, interrupted or trained further since. A finished run whose config
-    differs in anything that shapes training is refused: resuming it would train nothing and erase its results.
-    """
+    describes; None when not started, interrupted, trained further since, or made with another config (then
+    preflight says what is wrong)."""
     run_dir = run_dir_of(cfg)
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
+        latest = None if is_uri(cfg.checkpoint.storage_path) else find_latest(run_dir)
+        if not summary.get("final") or latest is None or config_diff(summary.get("config") or {}, cfg.to_dict()):
+            return None
+        step = json.loads((latest / "meta.json").read_text())["state"]["global_step"]
+    except (OSError, ValueError, KeyError, TypeError, InputError):
         return None
-    latest = None if is_uri(cfg.checkpoint.storage_path) else find_latest(run_dir)
-    if not summary.get("final") or latest is None or \
-            json.loads((latest / "meta.json").read_text())["state"]["global_step"] != \
-            (summary.get("state") or {}).get("global_step"):
-        return None
-    old, new = flatten(summary.get("config") or {}), flatten(cfg.to_dict())
-    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-            if old.get(k) != new.get(k) and k not in COSMETIC]
-    if diff:
-        raise InputError(f"run {run_dir} already finished with another config ({'; '.join(diff[:4])}"
-                         f"{'; ...' if len(diff) > 4 else ''}); use a new checkpoint.name to train this one")
-    return summary
+    return summary if step == (summary.get("state") or {}).get("global_step") else None
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -210,6 +213,13 @@ def preflight(cfg: Config) -> list[PhasePlan]:
         meta = check_checkpoint(latest)
         check_compatible(meta, config=cfg.to_dict(), tokenizer_fingerprint=manifest["tokenizer"]["fingerprint"],
                          plan=plan_dicts(plans), shards=shards_id(manifest), where=str(latest))
+        st = TrainState.from_dict(meta["state"])
+        diff = config_diff(meta["config"], cfg.to_dict())
+        if diff and (st.phase >= len(plans) or (st.phase == len(plans) - 1
+                                                 and st.step_in_phase >= plans[-1].num_steps)):
+            # Resuming would train nothing and replace the run's results with empty ones.
+            raise InputError(f"run {run_dir_of(cfg)} already finished with another config ({'; '.join(diff[:4])}"
+                             f"{'; ...' if len(diff) > 4 else ''}); use a new checkpoint.name to train this one")
     return plans
 
 
@@ -276,7 +286,7 @@ def fit(cfg: Config, *, export: bool = True) -> dict[str, Any]:
     run_dir = run_dir_of(cfg)
     t0 = time.perf_counter()
     with relay() as console:
-        result = build_trainer(cfg, console=console).fit()
+        result = off_main_thread(build_trainer(cfg, console=console).fit)
     if result.error is not None:
         raise find_input_error(result.error) or result.error
     summary = dict(result.return_value or {})
@@ -293,6 +303,27 @@ def fit(cfg: Config, *, export: bool = True) -> dict[str, Any]:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     plot_runs({cfg.checkpoint.name: run_dir / "metrics.jsonl"}, run_dir / "val_loss_vs_compute.png")
     return summary
+
+
+def off_main_thread(fn: Callable[[], Any]) -> Any:
+    """fn() on a worker thread, the main thread waiting. On the main thread Ray Train's fit() installs its own
+    SIGINT handler (abort the run, then exit without a word, status 1); this way Ctrl-C reaches raypatch as
+    KeyboardInterrupt, and the command ends every Ray process it started."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True, name="raypatch-fit")
+    t.start()
+    while t.is_alive():
+        t.join(0.5)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def summarize(cfg: Config, summary: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ file, then dotted overrides."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -117,16 +118,27 @@ def load_config(source: str, overrides: list[str] | None = None) -> Config:
     return absolute_paths(apply_overrides(cfg, flat + list(overrides or [])))
 
 
-def absolute_paths(cfg: Config) -> Config:
-    """Resolve relative paths against the current directory: Ray workers and Tune trials run elsewhere."""
+def in_ray_job() -> bool:
+    """True in the driver of a `ray job submit` (the job supervisor sets this variable)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
-    def fix(value: str) -> str:
+
+def absolute_paths(cfg: Config) -> Config:
+    """Resolve relative paths against the current directory: Ray workers and Tune trials run elsewhere.
+
+    In a Ray job the current directory is Ray's temporary copy of the submitted working directory, deleted
+    with the job's session, so a relative checkpoint.storage_path (outputs) is taken from the home directory
+    instead: the default `runs` becomes ~/runs on the node that runs the job's driver.
+    """
+
+    def fix(value: str, base: Path | None = None) -> str:
         if value and "://" not in value and not Path(value).expanduser().is_absolute():
-            return str(Path(value).expanduser().resolve())
+            return str(((base or Path.cwd()) / Path(value).expanduser()).resolve())
         return str(Path(value).expanduser()) if value.startswith("~") else value
 
+    home = Path.home() if in_ray_job() else None
     return replace(cfg, data={"shards": fix(cfg.data.shards)}, eval={"wikitext": fix(cfg.eval.wikitext)},
-                   checkpoint={"storage_path": fix(cfg.checkpoint.storage_path)})
+                   checkpoint={"storage_path": fix(cfg.checkpoint.storage_path, home)})
 
 
 def _flatten(d: dict[str, Any], prefix: str = "", *, source: str = "") -> list[tuple[str, Any]]:

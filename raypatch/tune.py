@@ -138,6 +138,36 @@ def train_driver(config: dict[str, Any]) -> None:
          "state": (result.return_value or {}).get("state"), "final": (result.return_value or {}).get("final")}))
 
 
+def trial_lines() -> Any:
+    """A Tune callback on the driver: one terminal line when a trial starts, reports, finishes or fails."""
+    from ray import tune
+
+    from raypatch.console import say
+
+    def params(trial: Any) -> str:
+        return " ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                        for k, v in (trial.config.get("params") or {}).items())
+
+    class TrialLines(tune.Callback):
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            say(f"trial {trial.trial_id} ({params(trial)}) started; {len(trials)} trials so far")
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            loss = f", val loss {result['val/loss']:.4f} at step {result.get('eval/step')}" \
+                if "val/loss" in result else ""
+            say(f"trial {trial.trial_id} ({params(trial)}): step {result.get('step')} ({result.get('phase')} "
+                f"phase){loss}")
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            done = sum(t.status == "TERMINATED" for t in trials)
+            say(f"trial {trial.trial_id} ({params(trial)}) finished; {done}/{len(trials)} done")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            say(f"trial {trial.trial_id} ({params(trial)}) failed (details in the log file)")
+
+    return TrialLines()
+
+
 def max_concurrent(cfg: Config) -> int:
     """Trials that fit the cluster at once, leaving a CPU for Ray Data and the Tune/Train drivers."""
     import ray
@@ -203,7 +233,8 @@ def run_search(base: Config, *, budget: float, space: dict[str, Any] | None = No
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric="val/loss", mode="min", num_samples=samples, search_alg=search_alg,
                                         max_concurrent_trials=concurrency or max_concurrent(base)),
-            run_config=tune.RunConfig(name=name, storage_path=str(exp_dir.parent)))
+            run_config=tune.RunConfig(name=name, storage_path=str(exp_dir.parent), callbacks=[trial_lines()],
+                                      verbose=0))
     grid = tuner.fit()
     rows = []
     for r in grid:

@@ -1,0 +1,114 @@
+"""What a user sees and what a command leaves behind: `raypatch train` as a subprocess, the way a user runs it.
+
+- The terminal carries raypatch's own lines only; Ray's, DeepSpeed's and the workers' output is in the log file
+  the first line names, and the last lines say where the outputs are.
+- Rerunning a finished run starts no Ray, takes seconds and changes no file.
+- Every process the command started ends with it: after success, after Ctrl-C mid-training and after an error.
+
+Run: pytest tests/test_console.py   (about 3 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+FOREIGN = re.compile(r"\(RayTrainWorker|\(TrainController|core_worker\.cc|\[WARNING\]|FutureWarning|INFO |"
+                     r"Traceback|built successfully|Progress bars")
+
+
+def raypatch(args: list[str], mark: str) -> subprocess.Popen:
+    # RAYPATCH_TEST_MARK is inherited by every process the command starts (raylet, GCS, workers, the Train
+    # controller): a leak is any live process that still carries it.
+    env = os.environ | {"RAYPATCH_TEST_MARK": mark}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)  # the test session's own cluster: the command starts its own
+    return subprocess.Popen([sys.executable, "-m", "raypatch.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def marked(mark: str) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            if f"RAYPATCH_TEST_MARK={mark}".encode() in (p / "environ").read_bytes():
+                pids.append(int(p.name))
+        except OSError:
+            continue
+    return pids
+
+
+def assert_no_leak(mark: str) -> None:
+    t0 = time.time()
+    while (left := marked(mark)) and time.time() - t0 < 20:
+        time.sleep(1)
+    assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120] for pid in left]
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def train_args(shards: str, storage: Path, *extra: str) -> list[str]:
+    return ["train", "--config", "tiny", "--set", f"data.shards={shards}", f"checkpoint.storage_path={storage}",
+            "data.max_tokens=4096", "eval.max_rows=4", "compare_baseline=true", *extra]
+
+
+def test_terminal_shows_raypatch_lines_and_a_rerun_changes_nothing(shards, tmp_path):
+    mark = uuid.uuid4().hex
+    proc = raypatch(train_args(shards, tmp_path), mark)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    lines = (out + err).splitlines()
+    assert not [ln for ln in lines if FOREIGN.search(ln)], [ln for ln in lines if FOREIGN.search(ln)]
+    log = Path(re.search(r"output to (\S+\.log)", lines[0]).group(1))
+    assert log.is_file() and re.search(r"RayTrainWorker|raylet|Ray", log.read_text())
+    assert "| patch K=2" in out and "saved 25%" in out  # the table and the savings meter (λ=1/2, K=2)
+    tail = "\n".join(lines[-8:])
+    assert "outputs:" in out and str(tmp_path / "tiny" / "hf") in tail and "tensorboard --logdir" in tail
+    assert_no_leak(mark)
+
+    before = tree_digest(tmp_path)
+    t0 = time.time()
+    again = raypatch(train_args(shards, tmp_path), mark)
+    out2, err2 = again.communicate(timeout=300)
+    assert again.returncode == 0, err2
+    assert time.time() - t0 < 30 and "already trained" in out2 and "| patch K=2" in out2
+    assert tree_digest(tmp_path) == before
+    assert_no_leak(mark)
+
+
+def test_ctrl_c_and_errors_end_every_process(shards, tmp_path):
+    mark = uuid.uuid4().hex
+    proc = raypatch(train_args(shards, tmp_path, "data.max_tokens=0", "checkpoint.name=long"), mark)
+    seen = ""
+    t0 = time.time()
+    while "step" not in seen:  # training has started: Ray, the controller and both workers are up
+        assert time.time() - t0 < 600 and proc.poll() is None, seen
+        seen += proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err
+    assert_no_leak(mark)
+
+    # An error after Ray started (the evaluation file vanishes before the run's checks): one line, exit 2.
+    missing = tmp_path / "gone.jsonl"
+    proc = raypatch(train_args(shards, tmp_path, f"eval.wikitext={missing}", "checkpoint.name=bad"), mark)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2 and err.strip().startswith("raypatch: error:") and "eval.wikitext" in err, err
+    assert_no_leak(mark)
