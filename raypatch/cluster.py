@@ -26,10 +26,15 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    from raypatch.console import say
+
     if os.environ.get("RAY_ADDRESS"):
+        say(f"connecting to the Ray cluster at {os.environ['RAY_ADDRESS']}")
         ray.init(log_to_driver=True)
     else:
-        start_local_ray(num_cpus or max(4, (os.cpu_count() or 2) + 2))
+        n = num_cpus or max(4, (os.cpu_count() or 2) + 2)
+        say(f"starting a local Ray cluster ({n} logical CPUs, 127.0.0.1 only)")
+        start_local_ray(n)
     _started.append(True)
 
 

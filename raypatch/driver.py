@@ -285,6 +285,7 @@ def fit(cfg: Config, *, export: bool = True) -> dict[str, Any]:
     preflight(cfg)
     run_dir = run_dir_of(cfg)
     t0 = time.perf_counter()
+    say(f"starting {cfg.scale.num_workers} Ray Train worker(s) (model, DeepSpeed engine, data pipeline)")
     with relay() as console:
         result = off_main_thread(build_trainer(cfg, console=console).fit)
     if result.error is not None:
@@ -298,6 +299,7 @@ def fit(cfg: Config, *, export: bool = True) -> dict[str, Any]:
         with result.checkpoint.as_directory() as d:
             summary["checkpoint"] = result.checkpoint.path
             if export:
+                say(f"exporting the final model to {run_dir / 'hf'}")
                 summary["export"] = str(export_hf(d, run_dir / "hf", overwrite=True))
     summary |= summarize(cfg, summary)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -353,7 +355,7 @@ def comparison_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
         saved = "-" if not sv["savings/fraction"] else (
             f"{sv['savings/fraction']:.0%}, {sv['savings/flops']:.3g} FLOPs, {sv['savings/device_hours']:.2g} "
             f"device-h" + (f", {sv['savings/cost']:,.2f}" if "savings/cost" in sv else ""))
-        wall = f"{st.seconds['patch']:.0f} + {st.seconds['token']:.0f}"
+        wall = f"{st.seconds['patch']:.1f} + {st.seconds['token']:.1f}"
         fmt = lambda v: f"{v:.2f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
         out.append(f"| {name} | {cfg['patch']['k'] if tp else 1} | {tp / (tp + tt):.3f} | {tp:,} + {tt:,} | {pos:,} "
                    f"| {st.flops:.3g} | {s['relative_cost']:.3f} | {saved} | {wall} | {fmt(s['val_ppl'])} "

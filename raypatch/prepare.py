@@ -489,7 +489,10 @@ def _tokenize_into(out: Path, files: list[str], tokenizer: str, tok: dict[str, A
     pieces: list[np.ndarray] = []  # the pieces so far of a long document
     from raypatch.console import terminal
 
-    bar = tqdm(desc="prepare", unit=" docs", disable=not progress, file=terminal())
+    term = terminal()
+    # In a job log or a pipe every refresh is a new line: refresh rarely there.
+    bar = tqdm(desc="prepare", unit=" docs", disable=not progress, file=term,
+               mininterval=0.1 if term.isatty() else 10.0)
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             errors = [e for e in batch.column("error").to_pylist() if e]

@@ -95,6 +95,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         if resume.dir is not None:
             plan = plans[min(state.phase, len(plans) - 1)]
             w.say(f"resumed from {resume.where}: {plan.phase} phase, step {state.step_in_phase}/{plan.num_steps}")
+    w.say(f"{w.world_size} worker(s) ready: {n_params:,} parameters, DeepSpeed ZeRO-{cfg.scale.zero_stage} "
+          f"{cfg.scale.precision} on {w.device.type}; training")
     val_sets = evaluation_sets(cfg, manifest, w.world_size)
     writer = MetricsWriter(run_dir, enabled=w.rank == 0)
     flops_per_pos = flops_per_position(num_params=n_params, num_layers=cfg.model.num_layers,

@@ -22,8 +22,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.ray
-
 FOREIGN = re.compile(r"\(RayTrainWorker|\(TrainController|core_worker\.cc|\[WARNING\]|FutureWarning|INFO |"
                      r"Traceback|built successfully|Progress bars")
 
@@ -68,6 +66,7 @@ def train_args(shards: str, storage: Path, *extra: str) -> list[str]:
             "data.max_tokens=4096", "eval.max_rows=4", "compare_baseline=true", *extra]
 
 
+@pytest.mark.ray
 def test_terminal_shows_raypatch_lines_and_a_rerun_changes_nothing(shards, tmp_path):
     mark = uuid.uuid4().hex
     proc = raypatch(train_args(shards, tmp_path), mark)
@@ -92,6 +91,7 @@ def test_terminal_shows_raypatch_lines_and_a_rerun_changes_nothing(shards, tmp_p
     assert_no_leak(mark)
 
 
+@pytest.mark.ray
 def test_ctrl_c_and_errors_end_every_process(shards, tmp_path):
     mark = uuid.uuid4().hex
     proc = raypatch(train_args(shards, tmp_path, "data.max_tokens=0", "checkpoint.name=long"), mark)
@@ -112,3 +112,32 @@ def test_ctrl_c_and_errors_end_every_process(shards, tmp_path):
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 2 and err.strip().startswith("raypatch: error:") and "eval.wikitext" in err, err
     assert_no_leak(mark)
+
+
+def test_ray_start_up_failures_are_retried_then_reported(monkeypatch, capsys):
+    """A local cluster that does not come up (the raylet's "node timed out during startup" on a busy machine)
+    is retried with a message, and after the last attempt reported as one line, not a traceback. ray.init is
+    made to fail here; nothing starts."""
+    import ray
+
+    from raypatch import cluster
+    from raypatch.cli import report_error
+    from raypatch.safety import InputError
+
+    calls = []
+
+    def failing_init(*args, **kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(ray, "init", failing_init)
+    monkeypatch.setattr(cluster, "RETRY_S", 0)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(InputError) as e:
+        cluster.init_ray(4)
+    assert len(calls) == cluster.START_ATTEMPTS
+    err = capsys.readouterr().err
+    assert err.count("retrying") == cluster.START_ATTEMPTS - 1 and "node timed out during startup" in err
+    assert report_error(e.value) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("raypatch: error: the local Ray cluster did not start in 3 attempts") and "\n" not in line

@@ -4,7 +4,7 @@ The commands are taken from the ```bash blocks (lines that start with `raypatch 
 temporary directory that holds only `raypatch/corpus` (what a fresh clone has), so each command finds what the
 earlier ones wrote (tok/, shards/, runs/, hf/). Two size changes keep the run short, and nothing else changes:
 `raypatch train --config demo` trains 49,152 tokens (data.max_tokens), and `raypatch tune` budgets are divided
-by 20. `ray up` / `ray job submit` lines need a cluster and are not run here (tests/test_jobs.py submits the
+by 10. `ray up` / `ray job submit` lines need a cluster and are not run here (tests/test_jobs.py submits the
 pretrain job to a real local head).
 
 Run: pytest tests/test_readme.py -m slow   (about 10 minutes on 2 cores)
@@ -50,7 +50,7 @@ def small(cmd: str) -> str:
             words += ["--set", "data.max_tokens=49152"]
     if words[1] == "tune" and "--budget" in words:
         i = words.index("--budget") + 1
-        words[i] = f"{float(words[i]) / 20:g}"
+        words[i] = f"{float(words[i]) / 10:g}"
     # Keep what bash expands ($(...), globs in quotes) for bash: re-quote every word but a $(...) one.
     return " ".join(w if w.startswith("$(") else shlex.quote(w) for w in words)
 
