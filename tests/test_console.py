@@ -130,7 +130,16 @@ def test_ray_start_up_failures_are_retried_then_reported(monkeypatch, capsys):
         calls.append(kwargs)
         raise RuntimeError("The current node timed out during startup. This could happen because ...")
 
+    from ray._private import ray_constants
+
     monkeypatch.setattr(ray, "init", failing_init)
+    # As on a fresh process, whatever this test session holds: no Ray yet, and a shutdown that touches nothing
+    # (the session's own cluster keeps running); the settings start_local_ray changes are restored after.
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER)
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"))
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1"))
     monkeypatch.setattr(cluster, "RETRY_S", 0)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(InputError) as e:
