@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--k", default="1,2,4,8")
     pl.add_argument("--lam", default="0.5,0.667,0.8")
     pl.add_argument("--experiment", default="", help="a finished `raypatch tune` output directory")
+    pl.add_argument("--ladder", nargs="+", default=[], metavar="FILE",
+                    help="measured ladders (benchmarks/regime.py's regime_ladder.json): predict Δ for each (K, λ)")
+    pl.add_argument("--params", type=int, default=0,
+                    help="the target model's parameters for --ladder (default: counted from --config's model, "
+                         "the way the ladder counts them)")
 
     ev = sub.add_parser("evaluate", help="token-level (K=1) loss and perplexity of an exported model or checkpoint")
     ev.add_argument("--model", required=True, help="an HF directory from `raypatch export`, or a checkpoint directory")
@@ -278,12 +283,28 @@ def run_command(args: argparse.Namespace) -> None:
         cfg = load_config(args.config, args.set)
         print(plan_table(args.budget, args.corpus_tokens, ks=ks, lams=lams,
                          tokens_per_step=cfg.optim.tokens_per_step, results=results))
+        if args.ladder:
+            from raypatch.ladder import advice_table, read_ladders
+
+            rungs, counted = read_ladders(args.ladder)
+            params = args.params or count_params(cfg, non_embedding=counted == "non_embedding")
+            print("\n" + advice_table(rungs, params=params, budget=args.budget))
     elif args.cmd == "evaluate":
         print(json.dumps(evaluate_command(args), indent=1))
     elif args.cmd == "export":
         from raypatch.checkpoint import export_hf
 
         print(export_hf(args.checkpoint, args.out, overwrite=args.overwrite))
+
+
+def count_params(cfg: Any, *, non_embedding: bool) -> int:
+    """Parameters of cfg's model, counted on the meta device (no weights allocated)."""
+    import torch
+
+    from raypatch.model import build_model, num_params
+
+    with torch.device("meta"):
+        return num_params(build_model(cfg.model), exclude_embeddings=non_embedding)
 
 
 def parse_list(text: str, kind: type, flag: str) -> list[Any]:

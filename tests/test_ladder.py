@@ -1,0 +1,75 @@
+"""The planner's fit on measured ladders: synthetic ladders of known slope and crossover (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from raypatch.cli import main
+from raypatch.ladder import advice_table, fit_ladder, read_ladders
+from raypatch.safety import InputError
+
+
+def synthetic(a: float, b: float, xs: list[float], *, seeds: int = 2, noise: float = 0.0, setting: str = "E2",
+              k: int = 4, lam: float = 0.667, seed: int = 0) -> list[dict]:
+    """Rungs whose Δ = a + b·log10(x), plus Gaussian noise per seed."""
+    rng = random.Random(seed)
+    return [{"k": k, "lam": lam, "setting": setting, "tokens_per_param": x,
+             "deltas": [a + b * math.log10(x) + rng.gauss(0, noise) for _ in range(seeds)]} for x in xs]
+
+
+def test_fit_recovers_slope_intercept_and_crossover():
+    # Δ = 0.3 − 0.1·log10(x): zero at x = 1000 tokens/parameter.
+    f = fit_ladder(synthetic(0.3, -0.1, [10, 30, 100, 300]))
+    assert f.a == pytest.approx(0.3) and f.b == pytest.approx(-0.1)
+    assert f.crossover == pytest.approx(1000.0)
+    mean, lo, hi, where = f.predict(100)
+    assert mean == pytest.approx(0.1) and lo == pytest.approx(hi) and where == "measured"
+    assert f.predict(3000)[3] == "extrapolated" and f.predict(3000)[0] == pytest.approx(-0.0477, abs=1e-3)
+
+
+def test_noisy_fit_brackets_the_truth_and_widens_when_extrapolating():
+    f = fit_ladder(synthetic(0.3, -0.1, [10, 30, 100, 300], seeds=3, noise=0.01, seed=1))
+    assert f.b == pytest.approx(-0.1, abs=0.02) and 500 < f.crossover < 2000
+    inside = f.predict(100)
+    outside = f.predict(10_000)
+    assert inside[1] < 0.1 < inside[2]
+    assert outside[2] - outside[1] > inside[2] - inside[1]  # farther from the data, a wider interval
+
+
+def test_a_flat_or_rising_ladder_has_no_crossover():
+    assert fit_ladder(synthetic(0.05, 0.02, [10, 30, 100])).crossover is None
+
+
+def test_too_few_rungs_say_so_instead_of_guessing():
+    with pytest.raises(InputError, match="2 distinct rung.*at least 3"):
+        fit_ladder(synthetic(0.3, -0.1, [10, 30], seeds=5))
+    table = advice_table(synthetic(0.3, -0.1, [10, 30]), params=1000, budget=1e6)
+    assert "at least 3" in table and "Recommendation: token-only" in table
+
+
+def test_advice_recommends_only_with_the_whole_interval_below_zero():
+    rungs = synthetic(0.3, -0.1, [10, 30, 100, 300], seeds=2, noise=0.005, seed=2)
+    low = advice_table(rungs, params=1000, budget=1000 * 50)  # 50 tokens/param: Δ ≈ +0.13
+    assert "Recommendation: token-only" in low and "measured" in low
+    high = advice_table(rungs, params=1000, budget=1000 * 30_000)  # Δ ≈ −0.15, beyond the ladder
+    assert "Recommendation: K=4" in high and "extrapolated" in high
+
+
+def test_plan_reads_ladder_files(tmp_path, capsys):
+    f = tmp_path / "ladder.json"
+    f.write_text(json.dumps({"params": "total", "rungs": synthetic(0.3, -0.1, [10, 30, 100, 300])}))
+    rungs, counted = read_ladders([str(f)])
+    assert counted == "total" and len(rungs) == 4
+    assert main(["plan", "--config", "tiny", "--budget", "3e7", "--corpus-tokens", "100000000", "--ladder", str(f),
+                 "--params", "10000"]) == 0
+    out = capsys.readouterr().out
+    assert "3,000 tokens/parameter" in out and "Recommendation: K=4" in out
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert main(["plan", "--config", "tiny", "--budget", "1e6", "--corpus-tokens", "1000000", "--ladder",
+                 str(bad)]) == 2
+    assert capsys.readouterr().err.startswith("raypatch: error: --ladder")
