@@ -1,7 +1,8 @@
 """A benchmark corpus of real English text from Debian documentation packages, built reproducibly.
 
     apt-get install -y --no-install-recommends linux-doc-6.1 python3.11-doc perl-doc postgresql-doc-15 git-doc \
-        python-django-doc nodejs-doc debian-handbook cmake-doc python-scipy-doc sphinx-doc
+        python-django-doc nodejs-doc debian-handbook cmake-doc python-scipy-doc sphinx-doc rust-doc erlang-doc \
+        python-sqlalchemy-doc octave-doc postfix-doc exim4-doc-html python-flask-doc python-werkzeug-doc apache2-doc
     python benchmarks/corpus_debian.py            # -> $RAYPATCH_BENCH_CACHE/debian-docs/ (default /tmp/...)
 
 HTML pages go through Python's HTML parser (html.parser): the text of the page body, without scripts, styles,
@@ -44,7 +45,19 @@ SOURCES = [
     ("cmake-data", "/usr/share/doc/cmake-data/html/**/*.html", "html"),
     ("python-scipy-doc", "/usr/share/doc/python-scipy-doc/html/**/*.html", "html"),
     ("sphinx-doc", "/usr/share/doc/sphinx-doc/html/**/*.html", "html"),
+    ("rust-doc", "/usr/share/doc/rust-doc/html/**/*.html", "html"),
+    ("erlang-doc", "/usr/share/doc/erlang-doc/**/*.html", "html"),
+    ("python-sqlalchemy-doc", "/usr/share/doc/python-sqlalchemy-doc/html/**/*.html", "html"),
+    ("octave-doc", "/usr/share/doc/octave/**/*.html", "html"),
+    ("postfix-doc", "/usr/share/doc/postfix/html/*.html", "html"),
+    ("exim4-doc-html", "/usr/share/doc/exim4-doc-html/**/*.html", "html"),
+    ("python-flask-doc", "/usr/share/doc/python-flask-doc/html/**/*.html", "html"),
+    ("python-werkzeug-doc", "/usr/share/doc/python-werkzeug-doc/html/**/*.html", "html"),
+    ("apache2-doc", "/usr/share/doc/apache2-doc/manual/en/**/*.html", "html"),
 ]
+# Per package: generated pages that are no prose (rustdoc's source listings and trait implementor lists, the
+# core and alloc crates that std re-exports, mdBook's print.html, which repeats a whole book on one page).
+SKIP_IN = {"rust-doc": re.compile(r"(^|/)(src|implementors|core|alloc|test|proc_macro)/|(^|/)print\.html$")}
 SKIP_PAGES = re.compile(r"(^|/)(genindex|search|py-modindex|modindex|index-\w+|bookindex|_sources|_static|_modules|"
                         r"_images|_downloads)(/|\.html$|-)")
 SKIP_TAGS = {"script", "style", "nav", "header", "footer", "head", "noscript", "svg", "form", "button"}
@@ -94,7 +107,8 @@ class PageText(html.parser.HTMLParser):
 
 def page_text(path: Path, how: str) -> str:
     if how == "pod":
-        return subprocess.run(["pod2text", str(path)], capture_output=True, text=True, check=False).stdout.strip()
+        return subprocess.run(["pod2text", "--utf8", str(path)], capture_output=True, text=True, encoding="utf-8",
+                              errors="replace", check=False).stdout.strip()
     p = PageText()
     p.feed(path.read_text(errors="replace"))
     p.close()
@@ -158,12 +172,13 @@ def main(argv: list[str] | None = None) -> dict:
     stats: dict[str, dict[str, int]] = {}
     for pkg, pattern, how in SOURCES:
         root = Path(pattern.split("*")[0])
-        files = sorted(root.glob(pattern[len(str(root)) + 1:])) if root.exists() else []
-        st = stats[pkg] = {"files": len(files), "kept": 0, "chars": 0, "index_pages": 0, "short": 0,
+        files = sorted(f for f in root.glob(pattern[len(str(root)) + 1:]) if f.is_file()) if root.exists() else []
+        st = stats[pkg] = {"files": len(files), "kept": 0, "chars": 0, "skipped_pages": 0, "short": 0,
                            "exact_duplicates": 0, "near_duplicates": 0}
         for f in files:
-            if SKIP_PAGES.search(str(f.relative_to(root))):
-                st["index_pages"] += 1
+            rel = str(f.relative_to(root))
+            if SKIP_PAGES.search(rel) or (pkg in SKIP_IN and SKIP_IN[pkg].search(rel)):
+                st["skipped_pages"] += 1
                 continue
             text = page_text(f, how)
             if len(text) < args.min_chars:
