@@ -151,8 +151,9 @@ def package_info(pkg: str) -> dict[str, str]:
     copyright_file = Path("/usr/share/doc") / pkg / "copyright"
     licences = []
     if copyright_file.exists():
-        licences = sorted({m.strip() for m in re.findall(r"^License:\s*(.+)$", copyright_file.read_text(
-            errors="replace"), flags=re.M)})
+        found = re.findall(r"^License:\s*(.+)$", copyright_file.read_text(errors="replace"), flags=re.M)
+        # Machine-readable copyright files name licences (short identifiers); free-form ones quote prose.
+        licences = sorted({m.strip() for m in found if len(m.strip()) <= 40 and re.search(r"[A-Za-z]", m)})
     return {"package": pkg, "version": version or "not installed", "copyright": str(copyright_file),
             "licences": ", ".join(licences[:8]) or "see the copyright file"}
 
