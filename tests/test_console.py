@@ -32,8 +32,11 @@ def raypatch(args: list[str], mark: str) -> subprocess.Popen:
     env = os.environ | {"RAYPATCH_TEST_MARK": mark}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_API_SERVER_ADDRESS", None)  # the test session's own cluster: the command starts its own
+    # SIGINT as in an interactive shell: a test runner started in the background inherits it ignored, and an
+    # ignored SIGINT stays ignored (Unix semantics; Python then installs no KeyboardInterrupt handler).
     return subprocess.Popen([sys.executable, "-m", "raypatch.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def marked(mark: str) -> list[int]:
@@ -104,6 +107,18 @@ def test_ctrl_c_and_errors_end_every_process(shards, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
+    assert_no_leak(mark)
+
+    # `kill` (SIGTERM), the way a scheduler stops a process. Ray's own signal handler in the driver ends the
+    # process at once (status -6 after its stack dump); the local cluster's processes follow their driver.
+    proc = raypatch(train_args(shards, tmp_path, "data.max_tokens=0", "checkpoint.name=long2"), mark)
+    seen = ""
+    while "step" not in seen:
+        assert time.time() - t0 < 900 and proc.poll() is None, seen
+        seen += proc.stdout.readline()
+    proc.terminate()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, err[-2000:]
     assert_no_leak(mark)
 
     # An error after Ray started (the evaluation file vanishes before the run's checks): one line, exit 2.
