@@ -118,24 +118,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  "tokens_per_nonemb_param": tokens / non_emb, **run})
                     print(f"    val loss {run['val_loss']:.4f} ({run['wall_s']:.0f} s)", flush=True)
             load.mark(f"rung {r:g}")
+            write(args, rungs, runs, base, corpus, total, non_emb, t0, load)
     finally:
         if started:
             ray.shutdown()
         shutil.rmtree(storage, ignore_errors=True)
+    return write(args, rungs, runs, base, corpus, total, non_emb, t0, load)
+
+
+def write(args: argparse.Namespace, rungs: list[float], runs: list[dict[str, Any]], base: Any, corpus: int,
+          total: int, non_emb: int, t0: float, load: Any) -> dict[str, Any]:
+    """All outputs from the runs so far (called after every rung, so a stopped study keeps what it measured)."""
     ladder = []
     for r in rungs:
         tok = {x["seed"]: x for x in runs if x["rung"] == r and x["kind"] == "token"}
         for kind in ("E1", "E2"):
-            pts = [x for x in runs if x["rung"] == r and x["kind"] == kind]
-            ladder.append({"k": 4, "lam": 0.667, "setting": kind, "tokens_per_param": r * 1.0,
-                           "deltas": [x["val_loss"] - tok[x["seed"]]["val_loss"] for x in pts]})
+            pts = [x for x in runs if x["rung"] == r and x["kind"] == kind and x["seed"] in tok]
+            if pts:
+                ladder.append({"k": 4, "lam": 0.667, "setting": kind, "tokens_per_param": r * 1.0,
+                               "deltas": [x["val_loss"] - tok[x["seed"]]["val_loss"] for x in pts]})
     result = {"machine": C.machine(), "params_total": total, "params_non_embedding": non_emb, "corpus": args.corpus,
               "corpus_tokens": corpus, "config": base.to_dict(), "runs": runs, "ladder": ladder,
               "paper_table4": PAPER_TABLE4, "wall_s": time.perf_counter() - t0, "load": load.summary()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "regime_ladder.json").write_text(json.dumps({"params": "total", "rungs": ladder}, indent=1) + "\n")
-    plot(result, out / "regime.png")
+    if ladder:
+        plot(result, out / "regime.png")
     C.write_outputs(out / "regime", result, tables(result))
     return result
 
