@@ -55,16 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def params_of(cfg: Any) -> tuple[int, int]:
     """(total, non-embedding) parameters; non-embedding leaves out the input and output embeddings."""
-    import torch
+    from raypatch.model import count_params
 
-    from raypatch.model import build_model, num_params
-
-    with torch.device("meta"):
-        m = build_model(cfg.model)
-    emb = m.get_input_embeddings().weight.numel()
-    out = m.get_output_embeddings()
-    tied = out is None or out.weight is m.get_input_embeddings().weight
-    return num_params(m), num_params(m) - emb - (0 if tied else out.weight.numel())
+    return count_params(cfg.model), count_params(cfg.model, exclude_embeddings=True)
 
 
 def fit_run(base: Any, *, name: str, lam: float, tokens: int, corpus: int, seed: int, storage: Path) -> dict:

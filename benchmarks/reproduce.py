@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from raypatch import presets
     from raypatch.config import apply_overrides
     from raypatch.data import TokenStream
+    from raypatch.model import count_params
     from raypatch.tune import trial_config
 
     t0 = time.perf_counter()
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 # Every λ gets the compute of token-only training on D0 (model positions), in whole steps.
                 c = trial_config(base, {"patch.k": 4, "patch.lam": lam}, d0, corpus_tokens=stream_tokens)
                 add("E7", f"λ={lam:.3g}", c, s)
-        n_params = _params(base)
+        n_params = count_params(base.model)
         print(f"{'QUICK MODE: ' if args.quick else ''}{len(reg.runs)} runs ({len(seeds)} seed(s)), model "
               f"{n_params:,} parameters, T={base.data.seq_len}, {tps:,} tokens/step, D0={d0:,} tokens "
               f"({d0 / n_params:.2f} tokens/parameter)", flush=True)
@@ -267,15 +268,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("\n" + md)
     C.write_outputs(out_dir / stem, result, md)
     return result
-
-
-def _params(cfg: Any) -> int:
-    import torch
-
-    from raypatch.model import build_model, num_params
-
-    with torch.device("meta"):
-        return num_params(build_model(cfg.model))
 
 
 # --- tables and plots (from the result dict alone) ------------------------------------------------------------

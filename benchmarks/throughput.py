@@ -305,9 +305,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         T, tps = cfg.data.seq_len, cfg.optim.tokens_per_step
         stream = TokenStream(shards)
         tokens = stream.read(0, min(stream.total_tokens, 64 * tps))
-        from raypatch.model import build_model, num_params
+        from raypatch.model import count_params
 
-        n_params = num_params(build_model(cfg.model))
+        n_params = count_params(cfg.model)
         result["setup"] = {"model": cfg.model.__dict__, "params": n_params, "seq_len": T, "tokens_per_step": tps,
                            "micro_batch_size": cfg.optim.micro_batch_size, "precision": "fp32",
                            "shards": shards, "stream_tokens": stream.total_tokens}

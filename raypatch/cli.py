@@ -287,7 +287,9 @@ def run_command(args: argparse.Namespace) -> None:
             from raypatch.ladder import advice_table, read_ladders
 
             rungs, counted = read_ladders(args.ladder)
-            params = args.params or count_params(cfg, non_embedding=counted == "non_embedding")
+            from raypatch.model import count_params
+
+            params = args.params or count_params(cfg.model, exclude_embeddings=counted == "non_embedding")
             print("\n" + advice_table(rungs, params=params, budget=args.budget))
     elif args.cmd == "evaluate":
         print(json.dumps(evaluate_command(args), indent=1))
@@ -295,16 +297,6 @@ def run_command(args: argparse.Namespace) -> None:
         from raypatch.checkpoint import export_hf
 
         print(export_hf(args.checkpoint, args.out, overwrite=args.overwrite))
-
-
-def count_params(cfg: Any, *, non_embedding: bool) -> int:
-    """Parameters of cfg's model, counted on the meta device (no weights allocated)."""
-    import torch
-
-    from raypatch.model import build_model, num_params
-
-    with torch.device("meta"):
-        return num_params(build_model(cfg.model), exclude_embeddings=non_embedding)
 
 
 def parse_list(text: str, kind: type, flag: str) -> list[Any]:

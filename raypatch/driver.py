@@ -23,6 +23,7 @@ from raypatch.data import PhasePlan, plan_dicts, plan_from_config
 from raypatch.metrics import plot_runs
 from raypatch.optim import grad_accum_steps
 from raypatch.patching import relative_cost
+from raypatch.presets import _flatten
 from raypatch.safety import InputError, check_not_overlapping, find_input_error
 from raypatch.shards import check_vocab, load_manifest, shards_id
 
@@ -128,7 +129,7 @@ IGNORED = {"gpu_hour_price", "log_every", "compare_baseline", "checkpoint.name",
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The fields that shape training and differ between two config dicts, as 'key: old -> new'."""
-    a, b = flatten(old), flatten(new)
+    a, b = dict(_flatten(old, source="a run's config")), dict(_flatten(new, source="the config"))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
             if a.get(k) != b.get(k) and k not in IGNORED]
 
@@ -147,13 +148,6 @@ def finished_summary(cfg: Config) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError, InputError):
         return None
     return summary if step == (summary.get("state") or {}).get("global_step") else None
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out |= flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-    return out
 
 
 def outputs(runs: list[tuple[str, Config]], results: list[tuple[str, dict[str, Any]]], cfg: Config,

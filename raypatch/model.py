@@ -53,10 +53,20 @@ def build_model(cfg: ModelConfig, *, seed: int | None = None) -> PreTrainedModel
 
 
 def num_params(model: torch.nn.Module, *, exclude_embeddings: bool = False) -> int:
+    """Parameters of `model`; with exclude_embeddings, without the input embeddings and an untied output
+    embedding (the usual "non-embedding" count)."""
     n = sum(p.numel() for p in model.parameters())
     if exclude_embeddings:
-        n -= model.get_input_embeddings().weight.numel()
+        emb = model.get_input_embeddings().weight
+        out = model.get_output_embeddings()
+        n -= emb.numel() + (out.weight.numel() if out is not None and out.weight is not emb else 0)
     return n
+
+
+def count_params(cfg: ModelConfig, *, exclude_embeddings: bool = False) -> int:
+    """num_params of the model `cfg` describes, built on the meta device (no weights allocated)."""
+    with torch.device("meta"):
+        return num_params(build_model(cfg), exclude_embeddings=exclude_embeddings)
 
 
 def lm_loss(model: PreTrainedModel, input_ids: torch.Tensor, k: int) -> torch.Tensor:

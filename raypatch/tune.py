@@ -379,17 +379,11 @@ def plan_table(budget: float, corpus_tokens: int, *, ks: list[int], lams: list[f
 
 def model_flops_per_position(cfg: Config) -> float:
     """6·N + attention per position for cfg.model, counted on the meta device (no weights allocated)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from raypatch.model import hf_config
+    from raypatch.model import count_params
     from raypatch.patching import flops_per_position
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config(cfg.model))
-    n = sum(p.numel() for p in model.parameters())
-    return flops_per_position(num_params=n, num_layers=cfg.model.num_layers, hidden_size=cfg.model.hidden_size,
-                              seq_len=cfg.data.seq_len)
+    return flops_per_position(num_params=count_params(cfg.model), num_layers=cfg.model.num_layers,
+                              hidden_size=cfg.model.hidden_size, seq_len=cfg.data.seq_len)
 
 
 def read_results(path: str | Path) -> list[dict[str, Any]]:
