@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=1, help="seeds per rung")
     ap.add_argument("--top-seeds", type=int, default=2, help="seeds at the two largest rungs")
     ap.add_argument("--out", default=str(C.RESULTS))
+    ap.add_argument("--append", action="store_true",
+                    help="keep the runs of --out/regime.json with the same model and corpus; run only the missing ones")
     return ap.parse_args(argv)
 
 
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = C.start_ray()
     storage = Path(tempfile.mkdtemp(prefix="raypatch-regime-"))
     runs: list[dict[str, Any]] = []
+    wall_before, history = 0.0, []
     try:
         shards = C.shards(args.vocab_size, corpus=Path(args.corpus))
         base = apply_overrides(presets.tiny(), [*(o.format(vocab=args.vocab_size) for o in MODEL),
@@ -97,12 +100,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         total, non_emb = params_of(base)
         tps = base.optim.tokens_per_step
         print(f"model: {total:,} parameters ({non_emb:,} non-embedding); corpus {corpus:,} train tokens", flush=True)
+        if args.append:
+            runs, wall_before, history = kept_runs(Path(args.out) / "regime.json", base, corpus)
+            rungs = sorted({*rungs, *(x["rung"] for x in runs)})
         for i, r in enumerate(rungs):
             d = max(6, round(r * total / tps / 6) * 6) * tps  # whole steps, and λ=2/3 splits them exactly
             seeds = args.top_seeds if i >= len(rungs) - 2 else args.seeds
             for seed in range(seeds):
                 for kind, lam, tokens in (("token", 0.0, d), ("E1", 2 / 3, d), ("E2", 2 / 3, 2 * d)):
                     name = f"r{r:g}-{kind}-s{seed}"
+                    if any(x["name"] == name for x in runs):
+                        continue
                     print(f"[{name}] D={tokens:,} ({tokens / total:.3g} tokens/param, "
                           f"{tokens / corpus:.2f} epochs)", flush=True)
                     run = fit_run(base, name=name, lam=lam, tokens=tokens, corpus=corpus, seed=seed,
@@ -111,16 +119,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  "tokens_per_nonemb_param": tokens / non_emb, **run})
                     print(f"    val loss {run['val_loss']:.4f} ({run['wall_s']:.0f} s)", flush=True)
             load.mark(f"rung {r:g}")
-            write(args, rungs, runs, base, corpus, total, non_emb, t0, load)
+            write(args, rungs, runs, base, corpus, total, non_emb, t0 - wall_before, load, history)
     finally:
         if started:
             ray.shutdown()
         shutil.rmtree(storage, ignore_errors=True)
-    return write(args, rungs, runs, base, corpus, total, non_emb, t0, load)
+    return write(args, rungs, runs, base, corpus, total, non_emb, t0 - wall_before, load, history)
+
+
+def kept_runs(path: Path, base: Any, corpus: int) -> tuple[list[dict[str, Any]], float, list[dict[str, str]]]:
+    """The runs of an earlier study with the same model, training config and corpus, its wall-clock, and the
+    commands (with their load) that measured them."""
+    if not path.exists():
+        return [], 0.0, []
+    old = json.loads(path.read_text())
+    if old["config"] != base.to_dict() or old["corpus_tokens"] != corpus:
+        raise SystemExit(f"{path}: another model, config or corpus; drop --append or choose another --out")
+    first = "python benchmarks/regime.py --rungs 3,10,30,100 --seeds 1 --top-seeds 2"  # before history was kept
+    return old["runs"], old["wall_s"], old.get("history", [{"command": first, "load": old["load"]}])
 
 
 def write(args: argparse.Namespace, rungs: list[float], runs: list[dict[str, Any]], base: Any, corpus: int,
-          total: int, non_emb: int, t0: float, load: Any) -> dict[str, Any]:
+          total: int, non_emb: int, t0: float, load: Any, history: list[dict[str, str]]) -> dict[str, Any]:
     """All outputs from the runs so far (called after every rung, so a stopped study keeps what it measured)."""
     ladder = []
     for r in rungs:
@@ -132,13 +152,16 @@ def write(args: argparse.Namespace, rungs: list[float], runs: list[dict[str, Any
                                "deltas": [x["val_loss"] - tok[x["seed"]]["val_loss"] for x in pts]})
     result = {"machine": C.machine(), "params_total": total, "params_non_embedding": non_emb, "corpus": args.corpus,
               "corpus_tokens": corpus, "config": base.to_dict(), "runs": runs, "ladder": ladder,
-              "paper_table4": PAPER_TABLE4, "wall_s": time.perf_counter() - t0, "load": load.summary()}
+              "paper_table4": PAPER_TABLE4, "wall_s": time.perf_counter() - t0, "load": load.summary(),
+              "history": [*history, {"command": C.command_line(), "load": load.summary()}]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "regime_ladder.json").write_text(json.dumps({"params": "total", "rungs": ladder}, indent=1) + "\n")
     if ladder:
         plot(result, out / "regime.png")
-    C.write_outputs(out / "regime", result, tables(result))
+    if history:  # an --append study: every command that measured a run, each with its load
+        result["load"] = "; then ".join(h["load"] for h in result["history"])
+    C.write_outputs(out / "regime", result, tables(result), "`, then `".join(h["command"] for h in result["history"]))
     return result
 
 
