@@ -297,14 +297,13 @@ def val_rows(stream: TokenStream, seq_len: int, max_rows: int) -> np.ndarray:
 def text_rows(path: str, tokenizer: str, seq_len: int, max_rows: int, text_field: str = "text") -> np.ndarray:
     """An evaluation set from raw documents (e.g. WikiText-103 test): tokenized with the run's tokenizer,
     separated as in training, concatenated and cut into up to max_rows rows of T tokens: (N, T) int32."""
-    from raypatch.prepare import iter_documents, load_tokenizer, separator
+    from raypatch.prepare import iter_documents, load_tokenizer, separate, separator
 
     tok = load_tokenizer(tokenizer)
-    sep, _, where = separator(tok)
+    sep = separator(tok)
     ids: list[int] = []
     for doc in iter_documents(path, text_field):
-        enc = tok.backend_tokenizer.encode(doc, add_special_tokens=False).ids
-        ids += enc + [sep] if where == "eos" else [sep] + enc
+        ids += separate(tok.backend_tokenizer.encode(doc, add_special_tokens=False).ids, sep)
         if len(ids) >= max_rows * seq_len:
             break
     n = min(max_rows, len(ids) // seq_len)

@@ -6,7 +6,8 @@ each optionally gzip-compressed, given as paths or globs. Ray Data reads one fil
 writes the shards, so two runs on the same input give byte-identical shards.
 
 Shard layout: one `input_ids` list<int32> column, one document per row, the tokenizer's document separator
-included (EOS appended, or BOS prepended where the tokenizer adds BOS, as Llama's does). Each Parquet row
+included as the tokenizer itself adds it (BOS before, EOS after, or both: `separator` probes it; EOS after for a
+tokenizer that adds nothing, as GPT-2's convention is). Each Parquet row
 group holds about `row_group_tokens` tokens, and the manifest lists every row group's token count, so the
 packer can read any token range of the stream by row group without scanning whole shards.
 """
@@ -188,25 +189,56 @@ def load_tokenizer(path: str) -> Any:
     return tok
 
 
-def separator(tok: Any) -> tuple[int, str, str]:
-    """The document separator: (id, token, 'bos' | 'eos'). BOS where the tokenizer adds it (Llama), else EOS."""
-    if getattr(tok, "add_bos_token", False) and tok.bos_token_id is not None:
-        return tok.bos_token_id, tok.bos_token, "bos"
-    if tok.eos_token_id is not None:
-        return tok.eos_token_id, tok.eos_token, "eos"
-    raise InputError("tokenizer has neither an EOS token nor a BOS token that it adds; cannot separate documents")
+PROBE = "raypatch separator probe"
+
+
+def separator(tok: Any) -> dict[str, Any]:
+    """How the tokenizer separates documents, decided from what it does, not from its config flags.
+
+    A probe is encoded with and without special tokens: BOS before it (Llama-2), EOS after it, or both are
+    what training rows carry around each document. A tokenizer that adds neither (GPT-2) gets EOS appended,
+    GPT-2's own convention. `add_bos_token` cannot be trusted: transformers 5 drops it from
+    tokenizer_config.json when a tokenizer.json exists, while the tokenizer.json post-processor still adds BOS.
+    Returns {"position": "bos" | "eos" | "both", "bos": id | None, "eos": id | None, "id", "token"} where
+    id/token are the separator's first special token.
+    """
+    plain = list(tok(PROBE, add_special_tokens=False)["input_ids"])
+    full = list(tok(PROBE, add_special_tokens=True)["input_ids"])
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+    if at is None:
+        raise InputError("tokenizer: encoding with special tokens changes the text's own tokens; cannot tell "
+                         "how it separates documents")
+    bos = tok.bos_token_id is not None and tok.bos_token_id in full[:at]
+    eos = tok.eos_token_id is not None and tok.eos_token_id in full[at + len(plain):]
+    if not bos and not eos:  # adds nothing: EOS between documents, as GPT-2 does
+        if tok.eos_token_id is None:
+            raise InputError("tokenizer adds no special tokens and has no EOS token; cannot separate documents")
+        eos = True
+    position = "both" if bos and eos else "bos" if bos else "eos"
+    first = "bos" if bos else "eos"
+    return {"id": getattr(tok, f"{first}_token_id"), "token": getattr(tok, f"{first}_token"), "position": position,
+            "bos": tok.bos_token_id if bos else None, "eos": tok.eos_token_id if eos else None}
+
+
+def separate(enc: list[int], sep: dict[str, Any], *, first: bool = True, last: bool = True) -> list[int]:
+    """A document's (or piece's) ids with the separator: BOS before its first piece, EOS after its last."""
+    head = [sep["bos"]] if first and sep["bos"] is not None else []
+    tail = [sep["eos"]] if last and sep["eos"] is not None else []
+    return head + enc + tail
 
 
 def tokenizer_info(path: str) -> dict[str, Any]:
     tok = load_tokenizer(path)
-    sep_id, sep_tok, where = separator(tok)
+    sep = separator(tok)
     canonical = tok.backend_tokenizer.to_str().encode()
+    # The separator is part of the identity: the same vocabulary separated otherwise makes other rows.
+    mark = f"|{sep['id']}|{sep['position']}" + (f"|{sep['eos']}" if sep["position"] == "both" else "")
     return {
         "path": str(Path(path).resolve()),
         "name": Path(path).name,
         "vocab_size": len(tok),
-        "fingerprint": hashlib.sha256(canonical + f"|{sep_id}|{where}".encode()).hexdigest(),
-        "separator": {"id": sep_id, "token": sep_tok, "position": where},
+        "fingerprint": hashlib.sha256(canonical + mark.encode()).hexdigest(),
+        "separator": sep,
     }
 
 
@@ -217,7 +249,7 @@ class _Tokenize:
     costs seconds of start-up per actor, more than tokenizing a small corpus.
     """
 
-    def __init__(self, path: str, sep: int, where: str) -> None:
+    def __init__(self, path: str, sep: dict[str, Any]) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         f = Path(path) / "tokenizer.json"
         if f.exists():
@@ -226,19 +258,15 @@ class _Tokenize:
             self.backend = Tokenizer.from_file(str(f))
         else:
             self.backend = load_tokenizer(path).backend_tokenizer
-        self.sep, self.where = sep, where
+        self.sep = sep
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         # Rows are documents, or pieces of a long one (split_long): the separator goes before a document's
         # first piece (BOS) or after its last (EOS).
         ids = []
         for text, part, last in zip(batch["text"], batch["part"], batch["last"]):
-            enc = np.asarray(self.backend.encode(str(text), add_special_tokens=False).ids, dtype=np.int32)
-            if self.where == "bos" and part == 0:
-                enc = np.concatenate([[self.sep], enc]).astype(np.int32)
-            elif self.where == "eos" and last:
-                enc = np.concatenate([enc, [self.sep]]).astype(np.int32)
-            ids.append(enc)
+            enc = self.backend.encode(str(text), add_special_tokens=False).ids
+            ids.append(np.asarray(separate(enc, self.sep, first=part == 0, last=bool(last)), dtype=np.int32))
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         flat = np.concatenate(ids) if ids else np.zeros(0, np.int32)
         offsets = np.zeros(len(ids) + 1, dtype=np.int32)
@@ -477,9 +505,8 @@ def _tokenize_into(out: Path, files: list[str], tokenizer: str, tok: dict[str, A
     n = num_tokenizers or max(1, cpus - 1)
     ds = ray.data.from_items([{"file": i, "path": f} for i, f in enumerate(files)], override_num_blocks=len(files))
     ds = ds.flat_map(_read_file, fn_kwargs={"text_field": text_field}, num_cpus=0.5)
-    sep = tok["separator"]
-    ds = ds.map_batches(_Tokenize, batch_size=batch_size,
-                        fn_constructor_kwargs={"path": tokenizer, "sep": sep["id"], "where": sep["position"]},
+    ds = ds.map_batches(_Tokenize, batch_size=batch_size, fn_constructor_kwargs={"path": tokenizer,
+                                                                                "sep": tok["separator"]},
                         compute=ray.data.ActorPoolStrategy(size=n), batch_format="numpy", num_cpus=1)
 
     writers = {"train": ShardWriter(out, "train", shard_tokens, row_group_tokens),

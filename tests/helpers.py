@@ -53,3 +53,25 @@ def step_losses(run_dir: Path) -> dict[int, float]:
         if "train/loss" in r:
             out[r["step"]] = r["train/loss"]
     return out
+
+
+def styled_tokenizer(base_dir: str, out_dir: Path, style: str) -> str:
+    """A copy of the byte-level BPE at `base_dir` with <s> and </s> added, whose post-processor adds BOS
+    ("bos", as Llama-2's does), EOS ("eos"), both ("both") or nothing ("none", as GPT-2's); the "bos" one is
+    saved as a LlamaTokenizer without `add_bos_token`, the way transformers 5 saves Llama-2's."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_file(str(Path(base_dir) / "tokenizer.json"))
+    tok.add_special_tokens(["<s>", "</s>"])
+    ids = {t: tok.token_to_id(t) for t in ("<s>", "</s>")}
+    single = {"bos": "<s> $A", "eos": "$A </s>", "both": "<s> $A </s>", "none": "$A"}[style]
+    tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=list(ids.items()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(out_dir)
+    if style == "bos":
+        f = out_dir / "tokenizer_config.json"
+        cfg = json.loads(f.read_text())
+        cfg.pop("add_bos_token", None)
+        f.write_text(json.dumps({**cfg, "tokenizer_class": "LlamaTokenizer"}))
+    return str(out_dir)

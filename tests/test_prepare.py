@@ -18,7 +18,8 @@ def test_shards_and_manifest(shards, corpus, tokenizer_dir):
     m = json.loads((Path(shards) / "manifest.json").read_text())
     tok = load_tokenizer(tokenizer_dir)
     assert m["tokenizer"]["vocab_size"] == len(tok) == 512
-    assert m["tokenizer"]["separator"] == {"id": tok.eos_token_id, "token": "<|endoftext|>", "position": "eos"}
+    assert m["tokenizer"]["separator"] == {"id": tok.eos_token_id, "token": "<|endoftext|>", "position": "eos",
+                                            "bos": None, "eos": tok.eos_token_id}
     assert m["sources"][0]["path"] == str(corpus.resolve()) and len(m["sources"][0]["sha256"]) == 64
     docs = [json.loads(line)["text"] for line in gzip.open(corpus, "rt")]
     assert m["documents"] == len(docs) == 60
@@ -166,3 +167,34 @@ def test_train_tokenizer_is_deterministic(corpus, tmp_path):
     b = train_tokenizer([str(corpus)], str(tmp_path / "b"), vocab_size=300)
     assert (Path(a) / "tokenizer.json").read_bytes() == (Path(b) / "tokenizer.json").read_bytes()
     assert np.all(np.array(load_tokenizer(a)("x = 1")["input_ids"]) < 300)
+
+
+@pytest.mark.parametrize("style", ["bos", "eos", "both", "none"])
+def test_separator_is_what_the_tokenizer_does(style, corpus, tokenizer_dir, tmp_path):
+    """Documents are separated as the tokenizer itself separates them (a probe, not add_bos_token): a row is
+    exactly the tokenizer's own encoding with special tokens, and EOS is appended for one that adds nothing."""
+    from raypatch.prepare import _Tokenize, separator, tokenizer_info
+    from tests.helpers import styled_tokenizer
+
+    d = styled_tokenizer(tokenizer_dir, tmp_path / style, style)
+    tok = load_tokenizer(d)
+    if style == "bos":
+        assert not getattr(tok, "add_bos_token", False), "transformers 5 hides it: the probe must not rely on it"
+    sep = separator(tok)
+    assert sep["position"] == {"none": "eos"}.get(style, style)
+    docs = [json.loads(line)["text"] for line in gzip.open(corpus, "rt")][:3]
+    batch = {"text": np.array(docs, dtype=object), "part": np.zeros(3, np.int64), "last": np.ones(3, bool),
+             "file": np.zeros(3, np.int64), "doc": np.arange(3), "error": np.array([""] * 3, dtype=object)}
+    rows = _Tokenize(d, tokenizer_info(d)["separator"])(batch)["input_ids"].to_pylist()
+    for row, doc in zip(rows, docs):
+        reference = tok(doc)["input_ids"]  # what the tokenizer's own users train on
+        assert row == (reference + [tok.eos_token_id] if style == "none" else reference)
+    # A long document split into pieces keeps one BOS at its start and one EOS at its end.
+    parts = {"text": np.array(["a b", "c d"], dtype=object), "part": np.array([0, 1]), "last": np.array([False, True]),
+             "file": np.zeros(2, np.int64), "doc": np.zeros(2, np.int64), "error": np.array(["", ""], dtype=object)}
+    a, b = _Tokenize(d, sep)(parts)["input_ids"].to_pylist()
+    assert (a[0] == tok.bos_token_id) == (style in ("bos", "both")) and b[0] != tok.bos_token_id
+    assert (b[-1] == tok.eos_token_id) == (style != "bos") and a[-1] != tok.eos_token_id
+    # Another separator is another tokenizer identity (shards made with one are refused for the other).
+    assert len({tokenizer_info(styled_tokenizer(tokenizer_dir, tmp_path / f"x{s}", s))["fingerprint"]
+                for s in ("bos", "eos", "both")}) == 3
