@@ -403,7 +403,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str |
     except pickle.UnpicklingError as e:
         raise unpickle_error(e, str(ckpt_dir)) from None
     state = {k.removeprefix("hf."): v for k, v in state.items()}
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, pretrained=False)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight", "embed_out.weight"} if cfg.model.tie_embeddings else set()
     if unexpected or set(missing) - tied:

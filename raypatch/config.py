@@ -30,7 +30,7 @@ def _positive(obj: Any, prefix: str, *names: str) -> None:
 @dataclass(kw_only=True)
 class ModelConfig:
     family: str = "llama"
-    """Hugging Face architecture built from scratch: llama, qwen2 or gpt_neox."""
+    """Architecture built from scratch: llama, qwen2 or gpt_neox (with hf_config/init_from: that model's type)."""
     vocab_size: int = 8192
     """Rows of the embedding table; must be at least the tokenizer's vocabulary."""
     hidden_size: int = 256
@@ -51,10 +51,29 @@ class ModelConfig:
     """Std of the normal weight init."""
     tie_embeddings: bool = False
     """Share the input embedding and LM head (the paper's Llama does not)."""
+    hf_config: str = ""
+    """A local HF model directory or config.json: train that architecture from scratch (shape fields from it)."""
+    init_from: str = ""
+    """A local HF model directory: continue pretraining from its weights (safetensors), architecture and tokenizer."""
+    allow_pickle_weights: bool = False
+    """Let init_from read pickled pytorch_model*.bin (torch.load weights_only=True) when it has no safetensors."""
+    tokenizer_from_model: bool = True
+    """With hf_config/init_from: refuse shards not prepared with that directory's tokenizer, if it has one."""
+
+    @property
+    def source(self) -> tuple[str, str] | None:
+        """(field, path) of the HF model directory this model comes from, or None for a built-in family."""
+        if self.init_from:
+            return "model.init_from", self.init_from
+        return ("model.hf_config", self.hf_config) if self.hf_config else None
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            _fail("model.family", f"must be one of {FAMILIES}, got {self.family!r}")
+        if self.hf_config and self.init_from:
+            _fail("model.init_from", "set either model.hf_config (a new model of that architecture) or "
+                                     "model.init_from (its weights too), not both")
+        if self.family not in FAMILIES and self.source is None:
+            _fail("model.family", f"must be one of {FAMILIES}, got {self.family!r} (other architectures: "
+                                  f"model.hf_config or model.init_from)")
         _positive(self, "model", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
                   "num_heads", "max_position_embeddings", "init_std")
         if self.hidden_size % self.num_heads:

@@ -196,6 +196,10 @@ def preflight(cfg: Config) -> list[PhasePlan]:
         raise InputError("config field 'data.shards': empty (point it at a directory made by `raypatch prepare`)")
     manifest = load_manifest(cfg.data.shards, verify="meta")
     check_vocab(manifest, cfg.model.vocab_size, f"data.shards={cfg.data.shards}")
+    if cfg.model.source is not None:
+        from raypatch.hfdir import check_shards_tokenizer
+
+        check_shards_tokenizer(cfg.model, manifest, cfg.data.shards)
     plans = plan_from_config(cfg, manifest["splits"]["train"]["tokens"])
     for p in plans:
         grad_accum_steps(p.blocks_per_step, p.phase, cfg.scale.num_workers, cfg.optim.micro_batch_size)
@@ -276,6 +280,10 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, console: Any = 
 
 def fit(cfg: Config, *, export: bool = True) -> dict[str, Any]:
     """Train one run (resuming it if its run directory holds a checkpoint); returns the summary."""
+    if cfg.model.source is not None:  # a config built in code: its shape fields from the model directory
+        from raypatch.hfdir import resolve
+
+        cfg = resolve(cfg)
     preflight(cfg)
     run_dir = run_dir_of(cfg)
     t0 = time.perf_counter()

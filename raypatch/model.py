@@ -7,6 +7,8 @@ ordinary HF model that `save_pretrained`, `from_pretrained` and `generate` handl
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +20,12 @@ from raypatch.patching import next_patch_loss, patch_embeddings
 
 
 def hf_config(cfg: ModelConfig) -> PretrainedConfig:
-    """The transformers config for `cfg` (no download: classes are built from local code)."""
+    """The transformers config for `cfg` (no download: classes are built from local code): the model directory's
+    for hf_config/init_from (hfdir.resolve has made the shape fields agree with it), else built from the fields."""
+    if cfg.source is not None:
+        from raypatch.hfdir import load_hf_config
+
+        return load_hf_config(*cfg.source)
     kv = cfg.num_kv_heads or cfg.num_heads
     if cfg.family in ("llama", "qwen2"):
         if cfg.family == "llama":
@@ -43,11 +50,17 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
     )
 
 
-def build_model(cfg: ModelConfig, *, seed: int | None = None) -> PreTrainedModel:
-    """A freshly initialised causal LM of `cfg.family` (fp32; DeepSpeed casts for bf16)."""
+def build_model(cfg: ModelConfig, *, seed: int | None = None, pretrained: bool = True) -> PreTrainedModel:
+    """The causal LM `cfg` describes in fp32 (DeepSpeed casts for bf16): freshly initialised, or init_from's
+    weights when `pretrained` (export and parameter counts only need the architecture)."""
     if seed is not None:
         torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=torch.float32)
+    if cfg.init_from and pretrained:
+        from raypatch.hfdir import load_pretrained
+
+        model = load_pretrained(cfg)
+    else:
+        model = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=torch.float32)
     model.config.use_cache = False  # training never needs the KV cache; export turns it back on
     return model
 
@@ -66,7 +79,7 @@ def num_params(model: torch.nn.Module, *, exclude_embeddings: bool = False) -> i
 def count_params(cfg: ModelConfig, *, exclude_embeddings: bool = False) -> int:
     """num_params of the model `cfg` describes, built on the meta device (no weights allocated)."""
     with torch.device("meta"):
-        return num_params(build_model(cfg), exclude_embeddings=exclude_embeddings)
+        return num_params(build_model(cfg, pretrained=False), exclude_embeddings=exclude_embeddings)
 
 
 def lm_loss(model: PreTrainedModel, input_ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -84,9 +97,16 @@ def patch_logits(model: PreTrainedModel, input_ids: torch.Tensor, k: int) -> tor
     embeds = model.get_input_embeddings()(input_ids)  # (B, K·T, D)
     patches = patch_embeddings(embeds, k)  # (B, T, D)
     b, t, _ = patches.shape
+    if not takes_position_ids(type(model)):  # ALiBi (Bloom), state-space models: positions are the index
+        return model(inputs_embeds=patches).logits  # (B, T, V)
     # Patch j sits at position j (not jK): both phases use positions 0..T-1, as in the paper's reference code.
     position_ids = torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)  # (B, T)
     return model(inputs_embeds=patches, position_ids=position_ids).logits  # (B, T, V)
+
+
+@functools.cache
+def takes_position_ids(cls: type) -> bool:
+    return "position_ids" in inspect.signature(cls.forward).parameters
 
 
 def check_token_ids(input_ids: Any, vocab_size: int, where: str | Callable[[], str]) -> None:

@@ -115,7 +115,14 @@ def load_config(source: str, overrides: list[str] | None = None) -> Config:
         raise ValueError(f"unknown preset {source!r} (known: {', '.join(PRESETS)}; or a .yaml file)")
     # File values and command-line overrides are applied together, so that the combination is validated
     # once (a file may set K while the command line fixes tokens_per_step to match).
-    return absolute_paths(apply_overrides(cfg, flat + list(overrides or [])))
+    items = flat + list(overrides or [])
+    cfg = absolute_paths(apply_overrides(cfg, items))
+    if cfg.model.source is None:
+        return cfg
+    from raypatch.hfdir import resolve  # transformers only when a model directory is named
+
+    given = {k.split("=", 1)[0].strip().removeprefix("model.") for k in items if k.strip().startswith("model.")}
+    return resolve(cfg, given)
 
 
 def in_ray_job() -> bool:
@@ -138,6 +145,7 @@ def absolute_paths(cfg: Config) -> Config:
 
     home = Path.home() if in_ray_job() else None
     return replace(cfg, data={"shards": fix(cfg.data.shards)}, eval={"wikitext": fix(cfg.eval.wikitext)},
+                   model={"hf_config": fix(cfg.model.hf_config), "init_from": fix(cfg.model.init_from)},
                    checkpoint={"storage_path": fix(cfg.checkpoint.storage_path, home)})
 
 

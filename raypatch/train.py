@@ -108,6 +108,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     since_t, since_tokens = time.monotonic(), 0  # since the last checkpoint
     metrics: dict[str, Any] = {}
     last_eval: dict[str, float] = {}
+    if cfg.model.init_from and state.global_step == 0:  # continued pretraining: the "before" of before/after
+        last_eval = run_evaluation(engine, val_sets, cfg, state, plans[0], w) | {"eval/step": 0}
+        writer.write(base_metrics(state, plans[0], planned_tokens) | last_eval | {"event": "eval"})
     jit_saved = False
     tps = cfg.optim.tokens_per_step
 

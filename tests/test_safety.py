@@ -413,7 +413,7 @@ def test_long_documents_tokenize_in_pieces_to_the_same_ids(tokenizer_dir):
         ROOT / "raypatch" / "corpus" / "python-docs-sample.jsonl.gz", "rt"))[:300_000]
     pieces = list(split_long(doc, piece=20_000))
     assert len(pieces) >= 15 and "".join(pieces) == doc and max(map(len, pieces)) <= 20_000
-    tok = _Tokenize(tokenizer_dir, 0, "eos")
+    tok = _Tokenize(tokenizer_dir, {"bos": None, "eos": 0})
     whole = tok.backend.encode(doc, add_special_tokens=False).ids
     assert np.concatenate([tok.backend.encode(p, add_special_tokens=False).ids for p in pieces]).tolist() == whole
     assert list(split_long("short doc", piece=20_000)) == ["short doc"]
@@ -432,7 +432,7 @@ def test_prepare_joins_the_pieces_of_a_long_document(tokenizer_dir, ray_local, t
     rows = [r for s in m["splits"]["train"]["shards"]
             for r in pq.read_table(tmp_path / "out" / s["file"]).column(0).to_pylist()]
     eos = load_tokenizer(tokenizer_dir).eos_token_id
-    backend = _Tokenize(tokenizer_dir, eos, "eos").backend
+    backend = _Tokenize(tokenizer_dir, {"bos": None, "eos": eos}).backend
     assert m["documents"] == 3 and len(rows) == 3
     assert rows[1] == backend.encode(long_doc, add_special_tokens=False).ids + [eos]
     assert rows[2] == backend.encode("short two", add_special_tokens=False).ids + [eos]
