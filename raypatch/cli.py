@@ -11,6 +11,7 @@ from typing import Any
 
 from raypatch.cluster import end_ray, init_ray, quiet_env
 from raypatch.console import capture, say
+from raypatch.ladder import DEFAULT_LADDER
 from raypatch.presets import load_config
 from raypatch.safety import InputError, check_name
 
@@ -49,11 +50,23 @@ def tune_command(args: argparse.Namespace) -> dict[str, Path]:
         else:
             rows = tune.run_search(base, budget=args.budget, space=space, name=args.name, storage=str(storage),
                                    search=args.search, num_samples=args.num_samples, **kw)
-        paths = tune.write_outputs(rows, storage / args.name, budget=args.budget / (flops_per_pos or 1),
-                                   wall_s=time.perf_counter() - t0)
+        # The winner is chosen at the largest budget a trial trains (successive halving's last rung).
+        positions = args.budget * (args.eta ** (args.rungs - 1) if args.halving else 1) / (flops_per_pos or 1)
+        paths = tune.write_outputs(rows, storage / args.name, budget=positions, wall_s=time.perf_counter() - t0,
+                                   note=transfer_note_for(base, positions, args.ladder))
         say(paths["md"].read_text())
         say("\n".join(f"{k}: {v}" for k, v in paths.items()) + (f"\nlog: {log}" if log else ""))
     return paths
+
+
+def transfer_note_for(cfg: Any, positions: float, ladders: list[str]) -> str | None:
+    """ladder.transfer_note for a search of `positions` per trial on `cfg`'s model (token-only's tokens/param)."""
+    from raypatch.ladder import read_ladders, transfer_note
+    from raypatch.model import count_params
+
+    rungs, counted = read_ladders(ladders) if ladders else ([], "total")
+    params = count_params(cfg.model, exclude_embeddings=counted == "non_embedding")
+    return transfer_note(positions / params, rungs, source=", ".join(Path(p).name for p in ladders))
 
 
 def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
@@ -160,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--multi-epoch", action="store_true", help="repeat the corpus when a trial needs more tokens")
     tu.add_argument("--name", default="tune", help="experiment name; rerun the same name to continue it")
     tu.add_argument("--concurrency", type=int, default=0, help="max concurrent trials (0: from the cluster)")
+    tu.add_argument("--ladder", nargs="*", default=[str(DEFAULT_LADDER)], metavar="FILE",
+                    help="measured ladders: results.md warns when the search runs well below where patch-level "
+                         "training pays off (default: raypatch's own, benchmarks/regime.py; none: no ladder)")
 
     pl = sub.add_parser("plan", help="the (K, λ, D) options a compute budget affords")
     pl.add_argument("--budget", type=float, required=True, help="model positions (tokens + patches)")

@@ -26,6 +26,10 @@ from typing import Any
 from raypatch.safety import InputError
 
 MIN_RUNGS = 3
+# The ladder raypatch measured (benchmarks/regime.py; a copy ships with the package for `raypatch tune`).
+DEFAULT_LADDER = Path(__file__).parent / "ladders" / "regime_ladder.json"
+# The paper's crossover (Table 4: 370M, K=4, λ=2/3, equal data): patch behind at 243, ahead at 486 tokens/param.
+PAPER_CROSSOVER = (243.0, 486.0)
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 15: 2.13,
        20: 2.09, 30: 2.04}  # two-sided 95 % Student t quantiles by degrees of freedom
 
@@ -150,3 +154,33 @@ def advice_table(rungs: list[dict[str, Any]], *, params: int, budget: float, set
         lines.append("Recommendation: token-only training (λ=0): no measured (K, λ) is predicted better with 95 % "
                      "confidence at this scale.")
     return "\n".join(lines)
+
+
+def transfer_note(tokens_per_param: float, rungs: list[dict[str, Any]], source: str = "") -> str | None:
+    """A warning when a search ran well below (a third of) the scale where patch-level training starts to pay
+    off: the crossover a ladder predicts at equal compute, or the paper's when the ladder has none. None when the
+    search is near or past it. A small search then favours token-only training, and its answer may not transfer."""
+    crossovers, reach = [], 0.0
+    for key in sorted({(int(r["k"]), round(float(r["lam"]), 3)) for r in rungs if r["setting"] == "E2"}):
+        group = [r for r in rungs if r["setting"] == "E2" and (int(r["k"]), round(float(r["lam"]), 3)) == key]
+        reach = max(reach, *(r["tokens_per_param"] for r in group))
+        try:
+            f = fit_ladder(group)
+        except InputError:
+            continue
+        if f.crossover:
+            crossovers.append((f.crossover, f"K={f.k}, λ={f.lam:.3g}"))
+    ladder = f"the measured ladder{f' {source}' if source else ''}"
+    if crossovers:
+        at, which = min(crossovers)
+        basis = f"{ladder} predicts a crossover at {tpp(at)} ({which})"
+    else:
+        at = PAPER_CROSSOVER[0]
+        paper = f"the paper finds the crossover at {tpp(PAPER_CROSSOVER[0])}–{tpp(PAPER_CROSSOVER[1])}"
+        basis = f"{ladder} shows patch-level training behind up to {tpp(reach)}; {paper}" if reach else paper
+    if tokens_per_param >= at / 3:
+        return None
+    return (f"Note: these trials train at {tpp(tokens_per_param)} tokens per parameter, well below where "
+            f"patch-level training starts to pay off ({basis} tokens per parameter). At this budget a search "
+            f"favours token-only training (small λ); its answer may not transfer to a larger budget. "
+            f"`raypatch plan --ladder` predicts the gap at the scale you will train.")

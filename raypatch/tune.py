@@ -278,8 +278,10 @@ def successive_halving(base: Config, *, budget: float, space: dict[str, Any], na
     return all_rows
 
 
-def write_outputs(rows: list[dict[str, Any]], out_dir: str | Path, *, budget: float, wall_s: float) -> dict[str, Path]:
-    """results.csv, results.md, heatmap.png (K × λ of final val loss) and best.yaml."""
+def write_outputs(rows: list[dict[str, Any]], out_dir: str | Path, *, budget: float, wall_s: float,
+                  note: str | None = None) -> dict[str, Path]:
+    """results.csv, results.md, heatmap.png (K × λ of final val loss) and best.yaml; `note` (ladder.transfer_note)
+    goes beside the winner."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cols = ["trial", "K", "lam", "D", "patch_tokens", "token_tokens", "positions", "flops", "val_loss", "val_ppl",
@@ -298,6 +300,10 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: str | Path, *, budget: fl
     for r in rows:
         if r.get("val_loss") is None:
             md.append(f"\nfailed: {r.get('trial')}: {r.get('error')}")
+    if ok:
+        best = min(ok, key=lambda r: r["val_loss"])
+        md += ["", f"Winner: {best['trial']} (K={best.get('K')}, λ={_fmt(best.get('lam'))}), final val loss "
+                   f"{best['val_loss']:.4f}." + (f" {note}" if note else "")]
     (out / "results.md").write_text("\n".join(md) + "\n")
     paths = {"csv": out / "results.csv", "md": out / "results.md"}
     if ok:

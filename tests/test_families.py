@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from raypatch.cli import main
 from raypatch.presets import load_config
 from tests.test_safety import assert_kept, refused, snapshot
 

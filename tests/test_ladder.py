@@ -73,3 +73,23 @@ def test_plan_reads_ladder_files(tmp_path, capsys):
     assert main(["plan", "--config", "tiny", "--budget", "1e6", "--corpus-tokens", "1000000", "--ladder",
                  str(bad)]) == 2
     assert capsys.readouterr().err.startswith("raypatch: error: --ladder")
+
+
+def test_tune_warns_when_its_search_runs_well_below_the_crossover():
+    from raypatch.cli import transfer_note_for
+    from raypatch.ladder import DEFAULT_LADDER, PAPER_CROSSOVER, transfer_note
+    from raypatch.presets import get
+
+    # Crossover at 10^(0.6/0.24) = 316 tokens/param: warn at 3 and 100, not at 200 (within a factor 3) or beyond.
+    rungs = synthetic(0.6, -0.24, [3, 10, 30, 100])
+    note = transfer_note(3.0, rungs, source="mine.json")
+    assert note and "at 3 tokens per parameter" in note and "mine.json predicts a crossover at 316" in note
+    assert transfer_note(100.0, rungs) and transfer_note(200.0, rungs) is None and transfer_note(5e3, rungs) is None
+    # A ladder that never falls: the paper's crossover is the yardstick, and the note says how far it measured.
+    flat = transfer_note(3.0, synthetic(0.5, 0.1, [3, 10, 30, 300]))
+    assert "behind up to 300" in flat and f"{PAPER_CROSSOVER[0]:.0f}" in flat
+    assert transfer_note(PAPER_CROSSOVER[0] / 2, []) is None
+    # What `raypatch tune` says for the demo preset's small budgets, from the ladder shipped with the package.
+    assert DEFAULT_LADDER.is_file()
+    note = transfer_note_for(get("demo"), 4e5, [str(DEFAULT_LADDER)])
+    assert note and "0.22 tokens per parameter" in note and "regime_ladder.json" in note

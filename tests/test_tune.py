@@ -75,7 +75,10 @@ def test_small_search_under_fixed_compute(shards, ray_local, tmp_path):
     d4 = next(r for r in ok if r["K"] == 4 and r["lam"] > 0.6)
     d1 = next(r for r in ok if r["K"] == 1)
     assert d4["D"] > 1.8 * d1["D"]  # K=4, λ≈0.75 affords about 1/(0.75/4 + 0.25) = 2.3x the data
-    paths = write_outputs(rows, tmp_path / "klam", budget=BUDGET, wall_s=1.0)
+    paths = write_outputs(rows, tmp_path / "klam", budget=BUDGET, wall_s=1.0, note="Note: well below.")
+    winner = min(ok, key=lambda r: r["val_loss"])
+    assert f"Winner: {winner['trial']} (K={winner['K']}" in paths["md"].read_text()
+    assert paths["md"].read_text().rstrip().endswith("Note: well below.")
     assert {"csv", "md", "best", "heatmap"} <= set(paths) and paths["heatmap"].stat().st_size > 0
     with open(paths["csv"]) as f:
         assert len(list(csv.DictReader(f))) == 5
