@@ -40,6 +40,7 @@ from raypatch.safety import (
     check_not_overlapping,
     check_replaceable,
     files_under,
+    one_line,
     replace_dir,
     restricted_torch_load,
     unpickle_error,
@@ -247,6 +248,32 @@ def checkpoint_to_resume(identity: dict[str, Any], world_size: int, say: Callabl
             say(f"resizing: checkpoint written by {meta['world_size']} workers, resuming on {world_size} "
                 f"(universal checkpoint; gradient accumulation recomputed, tokens per step unchanged)")
         yield Resume(TrainState.from_dict(meta["state"]), local, tag, str(ckpt.path))
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_copy(ckpt: str) -> Iterator[str]:
+    """`ckpt` itself when local; a checkpoint at a URI (s3://bucket/run/checkpoint-N?endpoint_override=...)
+    downloaded to a temporary directory that is removed on exit."""
+    if "://" not in ckpt:
+        yield ckpt
+        return
+    import pyarrow.fs
+
+    local = Path(tempfile.mkdtemp(prefix="raypatch-download-"))
+    try:
+        try:
+            fs, path = pyarrow.fs.FileSystem.from_uri(ckpt)
+            if fs.get_file_info(path).type != pyarrow.fs.FileType.Directory:
+                raise InputError(f"--checkpoint {ckpt}: no such checkpoint directory")
+            pyarrow.fs.copy_files(path, str(local / "ckpt"), source_filesystem=fs,
+                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
+        except (OSError, ValueError) as e:
+            if isinstance(e, InputError):
+                raise
+            raise InputError(f"--checkpoint {ckpt}: cannot be read ({one_line(str(e))})") from None
+        yield str(local / "ckpt")
     finally:
         shutil.rmtree(local, ignore_errors=True)
 

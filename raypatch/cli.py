@@ -310,9 +310,10 @@ def run_command(args: argparse.Namespace) -> None:
     elif args.cmd == "evaluate":
         print(json.dumps(evaluate_command(args), indent=1))
     elif args.cmd == "export":
-        from raypatch.checkpoint import export_hf
+        from raypatch.checkpoint import export_hf, local_copy
 
-        print(export_hf(args.checkpoint, args.out, overwrite=args.overwrite))
+        with local_copy(args.checkpoint) as ckpt:  # a checkpoint on S3 (or any URI) is read from a local copy
+            print(export_hf(ckpt, args.out, overwrite=args.overwrite))
 
 
 def parse_list(text: str, kind: type, flag: str) -> list[Any]:
