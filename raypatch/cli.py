@@ -31,11 +31,13 @@ def tune_command(args: argparse.Namespace) -> dict[str, Path]:
 
     base = load_config(args.config, args.set)
     space = tune.parse_space(args.space)
-    from raypatch.driver import check_storage
+    from raypatch.driver import check_storage, local_root, storage_uri
 
     check_storage(base)  # the log file goes under the storage path
-    storage = Path(base.checkpoint.storage_path).expanduser().resolve()
-    log = storage / "logs" / f"tune-{args.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    # Tune's experiment and the trials' checkpoints go to the storage path (a directory or s3://...); the
+    # log, results.md, heatmap and best.yaml to local disk (the storage directory, or ~/raypatch-runs).
+    storage, local = storage_uri(base), local_root(base)
+    log = local / "logs" / f"tune-{args.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     with capture(log) as log:
         if log:
             say(f"raypatch tune: Ray, Tune, DeepSpeed and worker output go to {log}")
@@ -46,13 +48,13 @@ def tune_command(args: argparse.Namespace) -> dict[str, Path]:
         kw = {"flops_per_pos": flops_per_pos, "multi_epoch": args.multi_epoch, "concurrency": args.concurrency}
         if args.halving:
             rows = tune.successive_halving(base, budget=args.budget, space=space, name=args.name,
-                                           storage=str(storage), rungs=args.rungs, eta=args.eta, **kw)
+                                           storage=storage, rungs=args.rungs, eta=args.eta, **kw)
         else:
-            rows = tune.run_search(base, budget=args.budget, space=space, name=args.name, storage=str(storage),
+            rows = tune.run_search(base, budget=args.budget, space=space, name=args.name, storage=storage,
                                    search=args.search, num_samples=args.num_samples, **kw)
         # The winner is chosen at the largest budget a trial trains (successive halving's last rung).
         positions = args.budget * (args.eta ** (args.rungs - 1) if args.halving else 1) / (flops_per_pos or 1)
-        paths = tune.write_outputs(rows, storage / args.name, budget=positions, wall_s=time.perf_counter() - t0,
+        paths = tune.write_outputs(rows, local / args.name, budget=positions, wall_s=time.perf_counter() - t0,
                                    note=transfer_note_for(base, positions, args.ladder))
         say(paths["md"].read_text())
         say("\n".join(f"{k}: {v}" for k, v in paths.items()) + (f"\nlog: {log}" if log else ""))

@@ -172,6 +172,48 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
+def storage_join(base: str, *parts: str) -> str:
+    """A path under a storage path: a local directory, or a URI whose query (S3 endpoint options) stays last."""
+    if not is_uri(base):
+        return str(Path(base, *parts))
+    head, sep, query = base.partition("?")
+    return "/".join([head.rstrip("/"), *parts]) + sep + query
+
+
+def write_storage_text(path: str, text: str) -> None:
+    """Write a small file at a local path or a URI (pyarrow's filesystems: s3://, gs://, ...)."""
+    if not is_uri(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+        return
+    import pyarrow.fs
+
+    fs, p = pyarrow.fs.FileSystem.from_uri(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(text.encode())
+
+
+def read_storage_text(path: str) -> str | None:
+    """The text of a small file at a local path or a URI; None when it does not exist."""
+    if not is_uri(path):
+        return Path(path).read_text() if Path(path).exists() else None
+    import pyarrow.fs
+
+    fs, p = pyarrow.fs.FileSystem.from_uri(path)
+    if fs.get_file_info(p).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(p) as f:
+        return f.read().decode()
+
+
+def local_root(cfg: Config) -> Path:
+    """Where a run's local files go: the storage directory, or ~/raypatch-runs when storage is a URI."""
+    if is_uri(cfg.checkpoint.storage_path):
+        return Path("~/raypatch-runs").expanduser()
+    return Path(cfg.checkpoint.storage_path).expanduser().resolve()
+
+
 def storage_uri(cfg: Config) -> str:
     """Where Ray Train keeps checkpoints: a local directory, or a URI such as s3://bucket/prefix."""
     p = cfg.checkpoint.storage_path
@@ -185,9 +227,7 @@ def run_dir_of(cfg: Config) -> Path:
     these files stay on local disk under ~/raypatch-runs/<name> (rank 0's node for metrics, the driver's for
     the rest).
     """
-    if is_uri(cfg.checkpoint.storage_path):
-        return Path("~/raypatch-runs").expanduser() / cfg.checkpoint.name
-    return Path(cfg.checkpoint.storage_path).expanduser().resolve() / cfg.checkpoint.name
+    return local_root(cfg) / cfg.checkpoint.name
 
 
 def preflight(cfg: Config) -> list[PhasePlan]:

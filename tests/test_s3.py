@@ -103,3 +103,25 @@ def test_checkpoints_on_s3_survive_a_worker_kill_and_a_stopped_run(reference, sh
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     assert main(["export", "--checkpoint", s3_uri(endpoint, "runs/s3run/checkpoint-9999999"), "--out",
                  str(tmp_path / "y")]) == 2 and not (tmp_path / "y").exists()
+
+
+def test_tune_stores_and_restores_its_experiment_on_s3(shards, s3_server, home, tmp_path):
+    """A search with storage on S3: Tune's experiment state and every trial's checkpoints and trial.json land in
+    the bucket; running the same name again restores it from there and retrains nothing."""
+    from raypatch.tune import parse_space, run_search
+    from tests.test_tune import BUDGET, base
+
+    endpoint, client = s3_server
+    cfg = base(shards, tmp_path)
+    storage = s3_uri(endpoint, "tune")
+    space = parse_space(["patch.k=1,2"])
+    rows = run_search(cfg, budget=BUDGET, space=space, name="s3search", storage=storage, concurrency=2)
+    ok = sorted(r["trial"] for r in rows if r.get("val_loss") is not None)
+    assert len(ok) == 2 and all(BUDGET - 512 < r["positions"] <= BUDGET for r in rows), rows
+    stored = keys(client, "tune/s3search/")
+    assert any(k.endswith("/trial.json") for k in stored) and any("/checkpoint-" in k for k in stored)
+    assert any(k.startswith("tune/s3search/experiment_state") or "tuner.pkl" in k for k in stored), stored[:20]
+    again = run_search(cfg, budget=BUDGET, space=space, name="s3search", storage=storage, concurrency=2)
+    assert sorted(r["trial"] for r in again) == ok
+    assert [r["val_loss"] for r in sorted(again, key=lambda r: r["trial"])] == \
+        [r["val_loss"] for r in sorted(rows, key=lambda r: r["trial"])]
