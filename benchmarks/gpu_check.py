@@ -112,7 +112,7 @@ def throughput(cfg: Any, device: Any, args: argparse.Namespace, peak: float) -> 
     fpp = flops_per_position(num_params=n, num_layers=cfg.model.num_layers, hidden_size=cfg.model.hidden_size,
                              seq_len=t)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
-                                      config=deepspeed_config(cfg, ga_token, 1))
+                                      config=deepspeed_config(cfg, ga_token, 1, n))
     tokens_per_step = ga_token * mb * t
     g = torch.Generator(device="cpu").manual_seed(1)
     res: dict[str, Any] = {"params": n, "flops_per_position": fpp, "tokens_per_step": tokens_per_step,

@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "tokens": manifest["splits"]["train"]["tokens"], "hashes": shard_hashes(out)})
             load.mark(f"raypatch {i + 1}")
         (tmp / "hf_datasets.py").write_text(DATASETS)
-        m = run([sys.executable, str(tmp / "hf_datasets.py"), str(corpus), str(tok), str(tmp / "datasets.parquet")], env)
+        m = run([sys.executable, str(tmp / "hf_datasets.py"), str(corpus), str(tok), str(tmp / "datasets.parquet")],
+                env)
         runs.append({"method": "HF datasets .map(batched, num_proc=2)", **m})
         load.mark("datasets")
         (tmp / "plain.py").write_text(PLAIN)

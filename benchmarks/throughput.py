@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--vocab-size", type=int, default=0, help="0: the demo model's vocabulary")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-fit", action="store_true")
+    ap.add_argument("--abba", type=int, default=3,
+                    help="[4] repeats of every before/after arm and the HF Trainer, interleaved (0: skip)")
+    ap.add_argument("--abba-workers", default="1,2", help="[4] worker counts of the raypatch arms")
     ap.add_argument("--no-zero1", action="store_true",
                     help="skip the diagnostic second fit with ZeRO-1 (where raypatch's 1-worker overhead comes from)")
     ap.add_argument("--out", default=str(C.RESULTS / "throughput"), help="output stem (.json and .md are added)")
@@ -192,20 +195,54 @@ def phase_rates(metrics_path: Path, tps: int) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run_raypatch(cfg: Any, steps: int, threads: int, tmp: Path, zero_stage: int = 2) -> dict[str, Any]:
+def run_raypatch(cfg: Any, steps: int, threads: int, tmp: Path, zero_stage: int = 2, workers: int = 1,
+                 overrides: tuple[str, ...] = (), name: str = "") -> dict[str, Any]:
     from raypatch.config import apply_overrides
     from raypatch.driver import fit
 
     tps = cfg.optim.tokens_per_step
+    name = name or f"throughput-raypatch-{workers}w-zero{zero_stage}"
     fcfg = apply_overrides(cfg, [
-        "patch.k=4", "patch.lam=0.5", f"data.max_tokens={2 * steps * tps}", "scale.num_workers=1",
+        "patch.k=4", "patch.lam=0.5", f"data.max_tokens={2 * steps * tps}", f"scale.num_workers={workers}",
         f"scale.cpus_per_worker={threads}", "eval.every_steps=0", "eval.max_rows=8", "checkpoint.every_steps=0",
         "log_every=10", "compare_baseline=false", f"checkpoint.storage_path={tmp}", f"scale.zero_stage={zero_stage}",
-        f"checkpoint.name=throughput-raypatch-1w-zero{zero_stage}"])
+        f"checkpoint.name={name}", *overrides])
     t = time.perf_counter()
     s = fit(fcfg, export=False)
     wall = time.perf_counter() - t
-    return {"wall_s": wall, "state": s["state"], "phases": phase_rates(Path(s["run_dir"]) / "metrics.jsonl", tps)}
+    phases = phase_rates(Path(s["run_dir"]) / "metrics.jsonl", tps)
+    shutil.rmtree(Path(s["run_dir"]), ignore_errors=True)  # the next arm reuses the name: start it fresh
+    return {"wall_s": wall, "state": s["state"], "phases": phases}
+
+
+# Issue 14: the per-step fixed costs raypatch removed. "before" restores each of them.
+BEFORE = ("checkpoint.preemption_check_every=1", "optim.fused_adamw=false")
+
+
+def abba(cfg: Any, args: argparse.Namespace, tokens: Any, tmp: Path, with_hf: bool) -> dict[str, Any]:
+    """Every arm once per repeat, the order reversed on every other repeat (A B C ... C B A ...), so slow drift in
+    the machine's load hits every arm alike; ratios are taken within a repeat, then summarised."""
+    arms: list[tuple[str, Any]] = []
+    for w in (int(x) for x in args.abba_workers.split(",")):
+        arms.append((f"{w}w before (ZeRO-2, preemption check every step, per-tensor AdamW)",
+                     lambda w=w: run_raypatch(cfg, args.fit_steps, args.threads, tmp, 2, w, BEFORE, "abba")))
+        for z in (1, 2):
+            arms.append((f"{w}w after, ZeRO-{z}",
+                         lambda w=w, z=z: run_raypatch(cfg, args.fit_steps, args.threads, tmp, z, w, (), "abba")))
+    if with_hf:
+        arms.append(("HF Trainer, 1 process", lambda: {"phases": {"token": run_hf(cfg, tokens, args.fit_steps, 10,
+                                                                                   tmp)}}))
+    reps: list[dict[str, Any]] = []
+    for r in range(args.abba):
+        order = arms if r % 2 == 0 else arms[::-1]
+        rep = {}
+        for label, fn in order:
+            out = fn()
+            rep[label] = {ph: v["tokens_per_s"] for ph, v in out["phases"].items()}
+            print(f"  repeat {r + 1}/{args.abba} {label}: "
+                  + ", ".join(f"{ph} {v:,.0f} tok/s" for ph, v in rep[label].items()), flush=True)
+        reps.append(rep)
+    return {"arms": [a for a, _ in arms], "repeats": reps}
 
 
 # --- the Hugging Face Trainer ------------------------------------------------------------------------------
@@ -371,6 +408,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["hf"] = run_hf(cfg, hf_tokens, args.fit_steps, warm=10, tmp=tmp)
             print(f"  {result['hf']['tokens_per_s']:,.0f} tok/s", flush=True)
             load.mark("after [3b]")
+        if args.abba:
+            print(f"\n[4] before/after, {args.abba} interleaved repeats (ABBA)", flush=True)
+            hf_tokens = stream.read(0, min(stream.total_tokens, args.fit_steps * tps))
+            result["abba"] = abba(cfg, args, hf_tokens, tmp, with_hf=not (missing or args.skip_hf))
+            load.mark("after [4]")
         print("\n[3c] plain loop again (bracketing the fit and HF)", flush=True)
         after = round_robin({k: loops[k] for k in (1, 4) if k in loops}, rounds=args.rounds_after,
                             base_steps=args.base_steps)
@@ -429,12 +471,46 @@ def tables(res: dict[str, Any]) -> str:
     if "token" in rp and "hf" in res:
         ratios.append(["raypatch ÷ HF Trainer, token phase",
                        f"{rp['token']['tokens_per_s'] / res['hf']['tokens_per_s']:.3f}", "≥ 1.0"])
+    sections = abba_tables(res, plain) if "abba" in res else []
     return "\n\n".join([head, "## Plain PyTorch loop: patch vs token phase", phases,
                          "## Data wait (share of step time)", C.md_table(["where", "wait ms/step", "steady",
                                                                           "with pipeline start"], waits),
                          "## Against a plain loop and the HF Trainer (same model, batch, data)",
                          C.md_table(["system, phase", "tokens/s", "÷ plain loop", "target"], systems),
-                         C.md_table(["ratio", "value", "target"], ratios)])
+                         C.md_table(["ratio", "value", "target"], ratios), *sections])
+
+
+def abba_tables(res: dict[str, Any], plain: dict[str, float]) -> list[str]:
+    """[4]: each arm's tokens/s per phase over the repeats, then the ratios, each taken within one repeat."""
+    ab = res["abba"]
+    reps = ab["repeats"]
+
+    def spread(xs: list[float], fmt: str = ",.0f") -> str:
+        return f"{statistics.median(xs):{fmt}} ({min(xs):{fmt}}–{max(xs):{fmt}})"
+
+    rows, ratios = [], []
+    hf = "HF Trainer, 1 process"
+    for arm in ab["arms"]:
+        for ph in ("patch", "token"):
+            xs = [r[arm][ph] for r in reps if ph in r.get(arm, {})]
+            if xs:
+                workers = int(arm[0]) if arm[0].isdigit() else 1
+                rows.append([arm, ph, len(xs), spread(xs), f"{statistics.median(xs) / (workers * plain[ph]):.3f}"])
+        if arm == hf:
+            continue
+        sp = [r[arm]["patch"] / r[arm]["token"] for r in reps if {"patch", "token"} <= set(r.get(arm, {}))]
+        if sp:
+            ratios.append([f"{arm}: patch ÷ token (K=4)", spread(sp, ".3f"), "≥ 3.80"])
+        vs_hf = [r[arm]["token"] / r[hf]["token"] for r in reps if arm.startswith("1w") and hf in r]
+        if vs_hf:
+            ratios.append([f"{arm}: token phase ÷ HF Trainer", spread(vs_hf, ".3f"), "≥ 1.0"])
+    note = (f"{len(reps)} repeats; every arm once per repeat, the order reversed on every other repeat. Median "
+            f"(min–max). ÷ plain loop: tokens/s ÷ (workers × the one-process plain loop of the same phase, "
+            f"{plain['patch']:,.0f} patch / {plain['token']:,.0f} token tok/s); target ≥ 0.95. \"before\" restores "
+            f"the per-step costs issue 14 removed: {', '.join(BEFORE)}, ZeRO-2.")
+    return ["## Before and after (issue 14): interleaved repeats", note,
+            C.md_table(["arm", "phase", "repeats", "tokens/s median (range)", "÷ plain loop"], rows),
+            C.md_table(["ratio (per repeat)", "median (range)", "target"], ratios)]
 
 
 if __name__ == "__main__":

@@ -152,6 +152,8 @@ class OptimConfig:
     """Global tokens per optimizer step, the same in both phases."""
     micro_batch_size: int = 4
     """Rows per worker per forward; gradient accumulation makes up the rest of tokens_per_step."""
+    fused_adamw: bool = True
+    """torch's fused AdamW kernel (CPU and CUDA); false: its per-tensor loop (slower per step)."""
 
     def __post_init__(self) -> None:
         _positive(self, "optim", "lr", "eps", "tokens_per_step", "micro_batch_size")
@@ -186,8 +188,8 @@ class ScaleConfig:
     """Logical CPUs each Train worker reserves; leave some for Ray Data."""
     worker_resources: str = ""
     """More resources each worker asks for, as name=amount pairs: 'trainslot=1' or 'spot_gpu=1,ssd=1'."""
-    zero_stage: int = 2
-    """DeepSpeed ZeRO stage: 1, 2 or 3."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 1, 2 or 3; 0 = from the model size (1 up to 1B parameters, else 2)."""
     precision: str = "bf16"
     """Training precision: bf16 or fp32 (fp16 is refused on CPU)."""
     zero3_persistence_threshold: int = 100_000
@@ -205,8 +207,8 @@ class ScaleConfig:
                 ok = False
             if not ok:
                 _fail("scale.worker_resources", f"expected name=amount pairs separated by commas, got {item!r}")
-        if self.zero_stage not in (1, 2, 3):
-            _fail("scale.zero_stage", f"must be 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            _fail("scale.zero_stage", f"must be 0 (from the model size), 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("bf16", "fp32"):
             _fail("scale.precision", f"must be 'bf16' or 'fp32', got {self.precision!r}")
 
@@ -223,8 +225,10 @@ class CheckpointConfig:
     """Also checkpoint whenever this many more tokens have been trained (0 = off)."""
     every_minutes: float = 0.0
     """Also checkpoint when this many minutes passed since the last checkpoint (0 = off); bounds spot losses."""
-    preemption_check_every: int = 1
-    """Ask Ray for a preemption notice every N steps (a barrier); on one, save a just-in-time checkpoint."""
+    preemption_check_every: int = 0
+    """Ask Ray for a preemption notice every N steps (a barrier, ~5 ms); 0 = every preemption_check_seconds."""
+    preemption_check_seconds: float = 10.0
+    """With preemption_check_every=0: ask about this often (steps agreed at each log line); 0 = never ask."""
     keep: int = 3
     """Checkpoints kept on storage."""
     max_failures: int = 0
@@ -242,6 +246,8 @@ class CheckpointConfig:
             _fail("checkpoint", "every_steps, every_tokens and every_minutes must be >= 0 and keep >= 1")
         if self.preemption_check_every < 0:
             _fail("checkpoint.preemption_check_every", f"must be >= 0, got {self.preemption_check_every}")
+        if self.preemption_check_seconds < 0:
+            _fail("checkpoint.preemption_check_seconds", f"must be >= 0, got {self.preemption_check_seconds}")
 
 
 @dataclass(kw_only=True)

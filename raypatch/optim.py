@@ -11,13 +11,27 @@ import torch
 
 from raypatch.config import Config
 
+ZERO1_MAX_PARAMS = 1_000_000_000
 
-def deepspeed_config(cfg: Config, grad_accum: int, world_size: int) -> dict[str, Any]:
+
+def zero_stage(cfg: Config, num_params: int) -> int:
+    """scale.zero_stage, or with 0 the stage for the model's size. ZeRO-1 shards the optimizer state and reduces
+    gradients once per step; ZeRO-2 also shards gradients, which saves 2 bytes per parameter (bf16) per worker but
+    reduces in buckets at every micro-batch: a fixed cost per micro-batch that measured 0.90 of a plain loop in
+    the patch phase against ZeRO-1's 1.00 (benchmarks/results/throughput.md). Up to 1B parameters the replicated
+    gradients fit easily, so ZeRO-1; above, ZeRO-2; ZeRO-3 only when asked for."""
+    if cfg.scale.zero_stage:
+        return cfg.scale.zero_stage
+    return 1 if num_params <= ZERO1_MAX_PARAMS else 2
+
+
+def deepspeed_config(cfg: Config, grad_accum: int, world_size: int, num_params: int) -> dict[str, Any]:
     """DeepSpeed's config for `cfg`: ZeRO stage, precision, clipping and AdamW (the learning rate is set by the
     loop every step, from `lr_at`)."""
     o = cfg.optim
-    zero: dict[str, Any] = {"stage": cfg.scale.zero_stage}
-    if cfg.scale.zero_stage == 3:
+    stage = zero_stage(cfg, num_params)
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 3:
         # Tiny models would otherwise stay whole on every rank (below DeepSpeed's 1e5-element default).
         zero["stage3_param_persistence_threshold"] = cfg.scale.zero3_persistence_threshold
     return {
@@ -27,9 +41,12 @@ def deepspeed_config(cfg: Config, grad_accum: int, world_size: int) -> dict[str,
         "gradient_clipping": o.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.scale.precision == "bf16"},
-        # torch_adam avoids compiling DeepSpeed's fused Adam (40-70 s) and runs on CPU and GPU alike.
+        # torch_adam avoids compiling DeepSpeed's fused Adam (40-70 s) and runs on CPU and GPU alike; torch's own
+        # fused kernel (CPU and CUDA) steps ZeRO's flat fp32 partition in 1 ms instead of 5 (demo model, 1 core):
+        # a fixed per-step cost that weighs K times more in a patch step.
         "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
-                                                  "weight_decay": o.weight_decay, "torch_adam": True}},
+                                                  "weight_decay": o.weight_decay, "torch_adam": True,
+                                                  "fused": o.fused_adamw}},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }

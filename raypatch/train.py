@@ -35,7 +35,15 @@ from raypatch.metrics import (
     savings,
 )
 from raypatch.model import PatchLM, build_model, check_token_ids, loss_sum, num_params
-from raypatch.optim import deepspeed_config, grad_accum_steps, lr_at, param_groups, set_lr, start_phase
+from raypatch.optim import (
+    deepspeed_config,
+    grad_accum_steps,
+    lr_at,
+    param_groups,
+    set_lr,
+    start_phase,
+    zero_stage,
+)
 from raypatch.patching import flops_per_position
 from raypatch.safety import InputError, find_input_error
 from raypatch.shards import load_manifest, shards_id, tokenizer_dir
@@ -50,6 +58,10 @@ class Worker:
     device: Any
     console: Any = None
     """The driver's queue to its terminal (raypatch.console.relay), or None: then stdout, which Ray forwards."""
+    preempt_every: int = 1
+    """Steps between preemption checks when they go by time: set at each log line, the same on every rank."""
+    log_at: tuple[int, float] = (0, 0.0)
+    """(global step, monotonic time) of the last log line."""
 
     def say(self, msg: str) -> None:
         if self.rank != 0:
@@ -95,7 +107,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         if resume.dir is not None:
             plan = plans[min(state.phase, len(plans) - 1)]
             w.say(f"resumed from {resume.where}: {plan.phase} phase, step {state.step_in_phase}/{plan.num_steps}")
-    w.say(f"{w.world_size} worker(s) ready: {n_params:,} parameters, DeepSpeed ZeRO-{cfg.scale.zero_stage} "
+    w.say(f"{w.world_size} worker(s) ready: {n_params:,} parameters, DeepSpeed ZeRO-{zero_stage(cfg, n_params)} "
           f"{cfg.scale.precision} on {w.device.type}; training")
     val_sets = evaluation_sets(cfg, manifest, w.world_size)
     writer = MetricsWriter(run_dir, enabled=w.rank == 0)
@@ -104,7 +116,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     window = ThroughputWindow(peak_flops(w.device) * w.world_size, flops_per_pos)
     planned_tokens = sum(p.num_steps * cfg.optim.tokens_per_step for p in plans)
     attempt = attempt_id(w.device)
-    log_loss = torch.zeros(2, dtype=torch.float64, device=w.device)  # sum and count since the last log line
+    # Loss sum and count since the last log line, and (filled in at the log line) the seconds they took.
+    log_loss = torch.zeros(3, dtype=torch.float64, device=w.device)
+    w.log_at = (state.global_step, time.monotonic())
     since_t, since_tokens = time.monotonic(), 0  # since the last checkpoint
     metrics: dict[str, Any] = {}
     last_eval: dict[str, float] = {}
@@ -137,8 +151,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
             last = step + 1 == plan.num_steps
             if log_due(cfg.log_every, state.global_step, last):
-                m = log_metrics(state, plan, planned_tokens, log_loss, window, engine, w.world_size,
-                                cfg.gpu_hour_price)
+                m = log_metrics(state, plan, planned_tokens, log_loss, window, engine, cfg, w)
                 w.say(log_line(m))
                 writer.write(m)
             since_tokens += tps
@@ -197,7 +210,7 @@ def build_engine(cfg: Config, plan: PhasePlan, world_size: int, *, universal: bo
     model = PatchLM(build_model(cfg.model, seed=cfg.seed))
     n_params = num_params(model.hf)
     grad_accum = grad_accum_steps(plan.blocks_per_step, plan.phase, world_size, cfg.optim.micro_batch_size)
-    ds_config = deepspeed_config(cfg, grad_accum, world_size)
+    ds_config = deepspeed_config(cfg, grad_accum, world_size, n_params)
     if universal:
         ds_config["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
@@ -317,16 +330,19 @@ def base_metrics(state: TrainState, plan: PhasePlan, planned_tokens: int) -> dic
 
 
 def log_metrics(state: TrainState, plan: PhasePlan, planned_tokens: int, log_loss: torch.Tensor,
-                window: ThroughputWindow, engine: Any, world_size: int, price: float) -> dict[str, Any]:
+                window: ThroughputWindow, engine: Any, cfg: Config, w: Worker) -> dict[str, Any]:
     """The log line's metrics (collective: the loss is averaged over ranks), with the savings meter."""
     import torch.distributed as dist
 
-    dist.all_reduce(log_loss)
-    device_hours = sum(state.seconds.values()) * world_size / 3600
+    log_loss[2] = time.monotonic() - w.log_at[1]
+    dist.all_reduce(log_loss)  # one collective: every rank gets the same loss and the same step time
+    agree_preemption_interval(cfg, w, state.global_step, float(log_loss[2]) / w.world_size)
+    device_hours = sum(state.seconds.values()) * w.world_size / 3600
     m = base_metrics(state, plan, planned_tokens) | {
         "train/loss": float(log_loss[0] / log_loss[1]), "train/lr": engine.optimizer.param_groups[0]["lr"],
         **window.rates(plan.k),
-        **savings(sum(state.tokens.values()), sum(state.positions.values()), state.flops, device_hours, price)}
+        **savings(sum(state.tokens.values()), sum(state.positions.values()), state.flops, device_hours,
+                  cfg.gpu_hour_price)}
     if plan.phase == "patch":  # never mixed with the token-level losses
         m["train/patch_loss"] = m["train/loss"]
     log_loss.zero_()
@@ -371,13 +387,23 @@ def checkpoint_minutes_due(cfg: Config, since_t: float, device: Any) -> bool:
     return bool(flag.item())
 
 
+def agree_preemption_interval(cfg: Config, w: Worker, global_step: int, seconds: float) -> None:
+    """Steps between preemption checks for about checkpoint.preemption_check_seconds, from the step time every
+    rank just received from the same all-reduce: the check is a barrier, so all ranks must ask at the same steps.
+    Asking every step cost about 5 ms a step (Ray's barrier), a fixed cost that weighs K times more in a patch step."""
+    steps = global_step - w.log_at[0]
+    if steps > 0 and seconds > 0:
+        w.preempt_every = max(1, int(cfg.checkpoint.preemption_check_seconds * steps / seconds))
+    w.log_at = (global_step, time.monotonic())
+
+
 def preemption_noticed(cfg: Config, state: TrainState, plan: PhasePlan, planned_tokens: int, writer: MetricsWriter,
                        w: Worker) -> bool:
     """Every checkpoint.preemption_check_every steps, ask Ray for a preemption notice (a barrier: every rank
     asks at the same steps); on one, the caller saves a just-in-time checkpoint at this step boundary."""
     import ray.train
 
-    every = cfg.checkpoint.preemption_check_every
+    every = cfg.checkpoint.preemption_check_every or (w.preempt_every if cfg.checkpoint.preemption_check_seconds else 0)
     if not every or state.global_step % every:
         return False
     info = ray.train.get_preemption_info()

@@ -13,3 +13,32 @@ def test_warmup_then_cosine(step, expected):
 def test_min_lr_and_no_warmup():
     assert lr_at(0, 10, lr=1.0, warmup_steps=0, min_lr=0.1) == pytest.approx(1.0)
     assert lr_at(10, 10, lr=1.0, warmup_steps=0, min_lr=0.1) == pytest.approx(0.1)
+
+
+def test_preemption_checks_go_by_time_with_the_same_steps_on_every_rank():
+    """The interval comes only from the step and the all-reduced seconds, so every rank computes the same one."""
+    from raypatch import presets
+    from raypatch.config import apply_overrides
+    from raypatch.train import Worker, agree_preemption_interval
+
+    cfg = presets.tiny()
+    assert cfg.checkpoint.preemption_check_every == 0 and cfg.checkpoint.preemption_check_seconds == 10.0
+    ranks = [Worker(rank=r, world_size=2, device="cpu", log_at=(40, 1000.0 + r)) for r in range(2)]
+    for w in ranks:  # 10 steps in 2.5 s (0.25 s a step): ask every 40 steps
+        agree_preemption_interval(cfg, w, 50, 2.5)
+    assert [w.preempt_every for w in ranks] == [40, 40] and ranks[0].log_at[0] == 50
+    slow = apply_overrides(cfg, ["checkpoint.preemption_check_seconds=1"])
+    agree_preemption_interval(slow, ranks[0], 60, 30.0)  # 3 s a step: every step, never 0
+    assert ranks[0].preempt_every == 1
+
+
+def test_zero_stage_from_the_model_size():
+    from raypatch import presets
+    from raypatch.config import apply_overrides
+    from raypatch.optim import deepspeed_config, zero_stage
+
+    auto = presets.demo()
+    assert auto.scale.zero_stage == 0 and zero_stage(auto, 1_840_256) == 1 and zero_stage(auto, 7_000_000_000) == 2
+    assert zero_stage(apply_overrides(auto, ["scale.zero_stage=3"]), 1000) == 3
+    ds = deepspeed_config(auto, 2, 2, 1_840_256)
+    assert ds["zero_optimization"]["stage"] == 1 and ds["optimizer"]["params"]["fused"] is True

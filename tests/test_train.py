@@ -223,7 +223,7 @@ def test_cli_errors_are_one_line(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("raypatch: error: unknown preset 'nope'") and "\n" not in err
     assert main(["train", "--config", "tiny", "--set", "scale.zero_stage=4"]) == 2
-    assert "'scale.zero_stage': must be 1, 2 or 3" in capsys.readouterr().err
+    assert "'scale.zero_stage': must be 0 (from the model size), 1, 2 or 3" in capsys.readouterr().err
 
 
 def test_print_config(capsys):
