@@ -136,27 +136,43 @@ def check_weights(m: ModelConfig, conf: Any) -> None:
     files = weight_files(m)
     if files[0].suffix != ".safetensors":
         return  # pickled weights are read only in the workers (transformers checks their shapes there)
+    from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in causal_lm_class(conf)(conf).state_dict().items()}
+        model = causal_lm_class(conf)(conf)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # Checkpoints keep legacy names (GPT-NeoX saves lm_head as embed_out) that transformers renames on load.
+    rules = get_model_conversion_mapping(model)
     found: dict[str, tuple[int, ...]] = {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as sf:
-                found |= {k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()}
+                found |= {rename(k, rules): tuple(sf.get_slice(k).get_shape()) for k in sf.keys()}
         except Exception as e:  # a truncated or foreign file
             raise InputError(f"config field 'model.init_from': {f} is not a readable safetensors file "
                              f"({type(e).__name__}: {e})") from None
+    strict = all(type(r) is WeightRenaming for r in rules)  # else tensors are merged on load: shapes only
     for k, shape in found.items():
         if k in expected and expected[k] != shape:
             raise InputError(f"config field 'model.init_from': weights do not match config.json: {k} is "
                              f"{list(shape)} in {f.parent}, the config makes it {list(expected[k])}")
     tied = {"lm_head.weight", "embed_out.weight"} if m.tie_embeddings else set()
+    if not strict:
+        return
     missing = sorted(set(expected) - set(found) - tied)
     extra = sorted(k for k in set(found) - set(expected) if not k.endswith("inv_freq"))
     if missing or extra:
         what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
         raise InputError(f"config field 'model.init_from': weights do not match config.json ({what}; "
                          f"{len(missing)} missing, {len(extra)} unexpected tensors)")
+
+
+def rename(key: str, rules: list[Any]) -> str:
+    """A checkpoint tensor's name as the model calls it, after transformers' own renaming rules."""
+    for r in rules:
+        if hasattr(r, "rename_source_key"):
+            key = r.rename_source_key(key)[0]
+    return key
 
 
 def tokenizer_of(m: ModelConfig) -> str | None:

@@ -79,6 +79,20 @@ def test_patch_mode_is_exact_per_family(family, tmp_path):
                                    rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_init_from_loads_each_family_exactly(family, tmp_path):
+    """model.init_from passes the weight check and builds the checkpoint's own model, weight for weight."""
+    from transformers import AutoModelForCausalLM
+
+    from raypatch.model import build_model
+
+    src = save_model(tmp_path, family, seed=5)
+    cfg = load_config("tiny", [f"model.init_from={src}"])
+    ours, theirs = build_model(cfg.model, seed=0), AutoModelForCausalLM.from_pretrained(src)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _fit_and_export(family: str, shards: str, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
