@@ -8,6 +8,7 @@ the compute) or "E2" (equal compute; the patch run reads 1 / (λ/K + 1 − λ) t
 
 The fit is Δ = a + b·log10(tokens/parameter) by least squares over every seed's point, with a prediction interval
 from the residual spread (which carries the seed spread): the paper's Table 4 moves about linearly in log data.
+It uses the ladder's falling branch, from the rung with the largest Δ on (falling_branch), when that has 3 rungs.
 A ladder needs at least 3 distinct rungs for a fit; with fewer, `fit_ladder` says so instead of guessing.
 
 File format (what benchmarks/regime.py writes, and what `raypatch plan --ladder FILE` reads):
@@ -74,16 +75,32 @@ class LadderFit:
         return mean, mean - half, mean + half, where
 
 
-def fit_ladder(rungs: list[dict[str, Any]]) -> LadderFit:
-    """Least squares over every seed's point of rungs that share one (K, λ, setting)."""
+def falling_branch(rungs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rungs from the one with the largest mean Δ on, when they are at least MIN_RUNGS; else all of them.
+
+    Small models at few tokens per parameter first fall behind more as data grows (the patch model has learned
+    too little to transfer), then catch up; only the catching-up branch says where Δ reaches zero, so a fit
+    that includes the rising rungs would put the crossover orders of magnitude too far (regime.md).
+    """
+    ordered = sorted(rungs, key=lambda r: r["tokens_per_param"])
+    means = [sum(r["deltas"]) / len(r["deltas"]) for r in ordered]
+    peak = max(range(len(ordered)), key=lambda i: means[i])
+    tail = ordered[peak:]
+    return tail if len({r["tokens_per_param"] for r in tail}) >= MIN_RUNGS else ordered
+
+
+def fit_ladder(rungs: list[dict[str, Any]], *, branch: bool = True) -> LadderFit:
+    """Least squares over every seed's point of rungs that share one (K, λ, setting); with `branch`, only over
+    the falling branch (falling_branch), which `x_min` then starts."""
     keys = {(int(r["k"]), round(float(r["lam"]), 3), r["setting"]) for r in rungs}
     if len(keys) != 1:
         raise InputError(f"ladder: one fit per (K, λ, setting); got {sorted(keys)}")
     (k, lam, setting), = keys
-    xs, ys = [], []
     for r in rungs:
         if not r["tokens_per_param"] > 0:
             raise InputError(f"ladder: tokens_per_param must be > 0, got {r['tokens_per_param']}")
+    xs, ys = [], []
+    for r in falling_branch(rungs) if branch else rungs:
         for d in r["deltas"]:
             xs.append(math.log10(r["tokens_per_param"]))
             ys.append(float(d))
@@ -141,7 +158,7 @@ def advice_table(rungs: list[dict[str, Any]], *, params: int, budget: float, set
         mean, lo, hi, where = f.predict(x)
         cross = tpp(f.crossover) if f.crossover else "none (Δ does not fall with data)"
         lines.append(f"| {k} | {lam:.3g} | {mean:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {where} "
-                     f"(ladder {tpp(10 ** f.x_min)}–{tpp(10 ** f.x_max)}) | {f.rungs} ({f.n}) | {cross} |")
+                     f"(fit on {tpp(10 ** f.x_min)}–{tpp(10 ** f.x_max)}) | {f.rungs} ({f.n}) | {cross} |")
         if hi < 0 and (best is None or mean < best[2]):
             best = (k, lam, mean, where)
     lines.append("")

@@ -93,3 +93,19 @@ def test_tune_warns_when_its_search_runs_well_below_the_crossover():
     assert DEFAULT_LADDER.is_file()
     note = transfer_note_for(get("demo"), 4e5, [str(DEFAULT_LADDER)])
     assert note and "0.22 tokens per parameter" in note and "regime_ladder.json" in note
+
+
+def test_the_fit_uses_the_falling_branch_of_a_rise_then_fall_ladder():
+    """Δ rises to a peak at 30 tokens/param, then falls with slope −0.6 towards a crossover at 10^(1.8/0.6) = 1000:
+    the fit starts at the peak and recovers it; a fit over every rung would not see a crossover in range."""
+    rising = synthetic(0.2, 0.3, [3, 10])
+    falling = synthetic(1.8, -0.6, [30, 100, 300])
+    f = fit_ladder(rising + falling)
+    assert f.rungs == 3 and 10 ** f.x_min == pytest.approx(30)
+    assert f.b == pytest.approx(-0.6) and f.crossover == pytest.approx(1000, rel=1e-6)
+    everything = fit_ladder(rising + falling, branch=False)
+    assert everything.rungs == 5 and (everything.crossover is None or everything.crossover > 1e4)
+    # Two falling rungs are too few for a branch: all rungs are fitted, and the table says which.
+    short = synthetic(0.2, 0.3, [3, 10, 30, 100]) + synthetic(1.8, -0.6, [300])  # peak at 100: 2 rungs from it
+    assert fit_ladder(short).rungs == 5
+    assert "fit on 30–300" in advice_table(rising + falling, params=10**6, budget=5e8)
