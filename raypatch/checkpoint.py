@@ -261,17 +261,19 @@ def local_copy(ckpt: str) -> Iterator[str]:
         return
     import pyarrow.fs
 
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(ckpt)
+        found = fs.get_file_info(path).type == pyarrow.fs.FileType.Directory
+    except (OSError, ValueError) as e:
+        raise InputError(f"--checkpoint {ckpt}: cannot be read ({one_line(str(e))})") from None
+    if not found:
+        raise InputError(f"--checkpoint {ckpt}: no such checkpoint directory")
     local = Path(tempfile.mkdtemp(prefix="raypatch-download-"))
     try:
         try:
-            fs, path = pyarrow.fs.FileSystem.from_uri(ckpt)
-            if fs.get_file_info(path).type != pyarrow.fs.FileType.Directory:
-                raise InputError(f"--checkpoint {ckpt}: no such checkpoint directory")
             pyarrow.fs.copy_files(path, str(local / "ckpt"), source_filesystem=fs,
                                   destination_filesystem=pyarrow.fs.LocalFileSystem())
-        except (OSError, ValueError) as e:
-            if isinstance(e, InputError):
-                raise
+        except OSError as e:
             raise InputError(f"--checkpoint {ckpt}: cannot be read ({one_line(str(e))})") from None
         yield str(local / "ckpt")
     finally:

@@ -226,7 +226,7 @@ class CheckpointConfig:
     every_minutes: float = 0.0
     """Also checkpoint when this many minutes passed since the last checkpoint (0 = off); bounds spot losses."""
     preemption_check_every: int = 0
-    """Ask Ray for a preemption notice every N steps (a barrier, ~5 ms); 0 = every preemption_check_seconds."""
+    """Ask Ray for a preemption notice every N steps (a barrier, 1-2 ms); 0 = every preemption_check_seconds."""
     preemption_check_seconds: float = 10.0
     """With preemption_check_every=0: ask about this often (steps agreed at each log line); 0 = never ask."""
     keep: int = 3

@@ -156,9 +156,9 @@ def check_weights(m: ModelConfig, conf: Any) -> None:
         if k in expected and expected[k] != shape:
             raise InputError(f"config field 'model.init_from': weights do not match config.json: {k} is "
                              f"{list(shape)} in {f.parent}, the config makes it {list(expected[k])}")
-    tied = {"lm_head.weight", "embed_out.weight"} if m.tie_embeddings else set()
     if not strict:
         return
+    tied = {"lm_head.weight", "embed_out.weight"} if m.tie_embeddings else set()
     missing = sorted(set(expected) - set(found) - tied)
     extra = sorted(k for k in set(found) - set(expected) if not k.endswith("inv_freq"))
     if missing or extra:
