@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=1, help="seeds per rung")
     ap.add_argument("--top-seeds", type=int, default=2, help="seeds at the two largest rungs")
     ap.add_argument("--out", default=str(C.RESULTS))
+    ap.add_argument("--switch-control", type=float, default=0, metavar="RUNG",
+                    help="only a control at this rung: K=1, λ=2/3 (the switch's fresh optimizer and warmup without "
+                         "patches), seed 0, against the study's token-only run; writes regime_switch.md")
     ap.add_argument("--append", action="store_true",
                     help="keep the runs of --out/regime.json with the same model and corpus; run only the missing ones")
     return ap.parse_args(argv)
@@ -62,11 +65,12 @@ def params_of(cfg: Any) -> tuple[int, int]:
     return count_params(cfg.model), count_params(cfg.model, exclude_embeddings=True)
 
 
-def fit_run(base: Any, *, name: str, lam: float, tokens: int, corpus: int, seed: int, storage: Path) -> dict:
+def fit_run(base: Any, *, name: str, lam: float, tokens: int, corpus: int, seed: int, storage: Path,
+            k: int = 4) -> dict:
     from raypatch.config import replace
     from raypatch.driver import fit
 
-    cfg = replace(base, seed=seed, patch={"lam": lam}, data={"max_tokens": tokens,
+    cfg = replace(base, seed=seed, patch={"lam": lam, "k": k}, data={"max_tokens": tokens,
                                                               "epochs": max(1, math.ceil(tokens / corpus))},
                   checkpoint={"name": name, "storage_path": str(storage)})
     t = time.perf_counter()
@@ -100,6 +104,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         total, non_emb = params_of(base)
         tps = base.optim.tokens_per_step
         print(f"model: {total:,} parameters ({non_emb:,} non-embedding); corpus {corpus:,} train tokens", flush=True)
+        if args.switch_control:
+            r = args.switch_control
+            d = max(6, round(r * total / tps / 6) * 6) * tps
+            run = fit_run(base, name=f"r{r:g}-K1switch-s0", lam=2 / 3, tokens=d, corpus=corpus, seed=0,
+                          storage=storage, k=1)
+            kept = json.loads((Path(args.out) / "regime.json").read_text())["runs"]
+            rows = [[x["name"], f"{x['val_loss']:.4f}"] for x in kept if x["rung"] == r and x["kind"] != "E2"]
+            C.write_outputs(Path(args.out) / "regime_switch", {"machine": C.machine(), "load": load.summary(),
+                                                               "wall_s": time.perf_counter() - t0, "run": run},
+                            f"Rung {r:g}, D={d:,} tokens. K=1, λ=2/3 restarts AdamW and the warmup at 2/3 of the data "
+                            f"as a patch run does, without patches.\n\n"
+                            + C.md_table(["run", "val loss"], [[run["name"], f"{run['val_loss']:.4f}"], *rows]))
+            return run
         if args.append:
             runs, wall_before, history = kept_runs(Path(args.out) / "regime.json", base, corpus)
             rungs = sorted({*rungs, *(x["rung"] for x in runs)})
