@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--lam", default="0.5,0.667,0.8")
     pl.add_argument("--experiment", default="", help="a finished `raypatch tune` output directory")
     pl.add_argument("--ladder", nargs="+", default=[], metavar="FILE",
-                    help="measured ladders (benchmarks/regime.py's regime_ladder.json): predict Δ for each (K, λ)")
+                    help="measured ladders (benchmarks/regime.py's regime_ladder.json; builtin: the one "
+                         "raypatch ships): predict Δ for each (K, λ)")
     pl.add_argument("--params", type=int, default=0,
                     help="the target model's parameters for --ladder (default: counted from --config's model, "
                          "the way the ladder counts them)")

@@ -119,12 +119,14 @@ def fit_ladder(rungs: list[dict[str, Any]], *, branch: bool = True) -> LadderFit
 
 
 def read_ladders(paths: list[str]) -> tuple[list[dict[str, Any]], str]:
-    """The rungs of every file, and how their parameters were counted (all files must agree)."""
+    """The rungs of every file ("builtin": raypatch's own), and how their parameters were counted (all files
+    must agree)."""
     rungs: list[dict[str, Any]] = []
     counted = set()
     for p in paths:
         try:
-            d = json.loads(Path(p).read_text())
+            # "builtin": the ladder shipped inside the package, found wherever raypatch is installed.
+            d = json.loads((DEFAULT_LADDER if p == "builtin" else Path(p)).read_text())
             rungs += [{**r, "source": p} for r in d["rungs"]]
             counted.add(d.get("params", "total"))
         except (OSError, ValueError, KeyError, TypeError) as e:

@@ -93,6 +93,11 @@ def test_tune_warns_when_its_search_runs_well_below_the_crossover():
     assert DEFAULT_LADDER.is_file()
     note = transfer_note_for(get("demo"), 4e5, [str(DEFAULT_LADDER)])
     assert note and "0.22 tokens per parameter" in note and "regime_ladder.json" in note
+    # "builtin" names that file from any working directory (a pip install has no raypatch/ladders/ path).
+    from raypatch.ladder import read_ladders
+    builtin, shipped = read_ladders(["builtin"]), read_ladders([str(DEFAULT_LADDER)])
+    assert builtin[1] == shipped[1] and len(builtin[0]) == len(shipped[0]) > 0
+    assert [{**r, "source": 0} for r in builtin[0]] == [{**r, "source": 0} for r in shipped[0]]
 
 
 def test_the_fit_uses_the_falling_branch_of_a_rise_then_fall_ladder():
