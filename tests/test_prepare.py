@@ -183,15 +183,15 @@ def test_separator_is_what_the_tokenizer_does(style, corpus, tokenizer_dir, tmp_
     sep = separator(tok)
     assert sep["position"] == {"none": "eos"}.get(style, style)
     docs = [json.loads(line)["text"] for line in gzip.open(corpus, "rt")][:3]
-    batch = {"text": np.array(docs, dtype=object), "part": np.zeros(3, np.int64), "last": np.ones(3, bool),
-             "file": np.zeros(3, np.int64), "doc": np.arange(3), "error": np.array([""] * 3, dtype=object)}
+    batch = pa.table({"text": docs, "part": [0] * 3, "last": [True] * 3, "file": [0] * 3, "doc": [0, 1, 2],
+                      "error": [""] * 3})  # the Arrow batch Ray Data hands the actor
     rows = _Tokenize(d, tokenizer_info(d)["separator"])(batch)["input_ids"].to_pylist()
     for row, doc in zip(rows, docs):
         reference = tok(doc)["input_ids"]  # what the tokenizer's own users train on
         assert row == (reference + [tok.eos_token_id] if style == "none" else reference)
     # A long document split into pieces keeps one BOS at its start and one EOS at its end.
-    parts = {"text": np.array(["a b", "c d"], dtype=object), "part": np.array([0, 1]), "last": np.array([False, True]),
-             "file": np.zeros(2, np.int64), "doc": np.zeros(2, np.int64), "error": np.array(["", ""], dtype=object)}
+    parts = pa.table({"text": ["a b", "c d"], "part": [0, 1], "last": [False, True], "file": [0, 0], "doc": [0, 0],
+                      "error": ["", ""]})
     a, b = _Tokenize(d, sep)(parts)["input_ids"].to_pylist()
     assert (a[0] == tok.bos_token_id) == (style in ("bos", "both")) and b[0] != tok.bos_token_id
     assert (b[-1] == tok.eos_token_id) == (style != "bos") and a[-1] != tok.eos_token_id
