@@ -269,9 +269,9 @@ def run_command(args: argparse.Namespace) -> None:
         with capture(log) as log:
             if log:
                 say(f"raypatch prepare: Ray output goes to {log}")
-            init_ray(dashboard=False)
             m = prepare(args.input, args.tokenizer, args.out, text_field=args.text_field, val_every=args.val_every,
-                        shard_tokens=args.shard_tokens, overwrite=args.overwrite, shuffle_seed=args.shuffle_seed)
+                        shard_tokens=args.shard_tokens, overwrite=args.overwrite, shuffle_seed=args.shuffle_seed,
+                        start=lambda: init_ray(dashboard=False))
             say(json.dumps({k: {"rows": v["rows"], "tokens": v["tokens"], "shards": len(v["shards"])}
                             for k, v in m["splits"].items()}))
     elif args.cmd == "train":

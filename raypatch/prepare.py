@@ -23,7 +23,8 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -173,14 +174,19 @@ def train_tokenizer(inputs: list[str], out_dir: str, *, vocab_size: int = 8192, 
     return out_dir
 
 
-def load_tokenizer(path: str) -> Any:
-    """A local HF tokenizer directory (nothing is fetched from a hub)."""
-    from transformers import AutoTokenizer
-
+def check_tokenizer_dir(path: str) -> Path:
     p = Path(path)
     if not p.is_dir() or not any(p.glob("tokenizer*.json")):
         raise InputError(f"tokenizer {path}: not a local Hugging Face tokenizer directory "
                          f"(make one with `raypatch tokenizer train`)")
+    return p
+
+
+def load_tokenizer(path: str) -> Any:
+    """A local HF tokenizer directory (nothing is fetched from a hub)."""
+    from transformers import AutoTokenizer
+
+    p = check_tokenizer_dir(path)
     try:
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as e:  # a broken tokenizer.json or config: name the directory, not a traceback
@@ -446,14 +452,15 @@ class DocShuffler:
 def prepare(inputs: list[str], tokenizer: str, out_dir: str, *, text_field: str = "text", val_every: int = 50,
             shard_tokens: int = 1 << 24, row_group_tokens: int = 1 << 16, batch_size: int = 32,
             num_tokenizers: int = 0, overwrite: bool = False, progress: bool = True,
-            shuffle_seed: int | None = None) -> dict[str, Any]:
+            shuffle_seed: int | None = None, start: Callable[[], None] | None = None) -> dict[str, Any]:
     """Tokenize `inputs` into Parquet shards under `out_dir` and write its manifest.json.
 
     Every `val_every`-th document (0 = none) goes to the held-out `val` split, the rest to `train`, chosen by
     input position. With `shuffle_seed`, the train documents are written in a seeded random order
     (`DocShuffler`): raypatch streams shards in order, so a corpus sorted by source or topic would otherwise
-    give the patch phase and the token phase different kinds of text. Needs a running Ray cluster (or starts a
-    local one through ray.data).
+    give the patch phase and the token phase different kinds of text. Needs a running Ray cluster, or `start`,
+    which is called once the arguments are checked, while the tokenizer loads (`cluster.init_ray`: bad input is
+    refused before a cluster starts, and transformers' import, 1.5 s, overlaps Ray's start).
 
     The set is built in a temporary sibling of `out_dir` and renamed into place when complete: a failure
     leaves `out_dir` as it was. An existing `out_dir` is replaced only with `overwrite`, and only when it
@@ -469,7 +476,12 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, *, text_field: str 
     files = resolve_inputs(inputs)
     check_not_overlapping(out_dir, [("tokenizer", tokenizer), *(("input", f) for f in files)], "--out")
     check_replaceable(out_dir, overwrite=overwrite, owned=shard_set_files, what="a shard set")
-    tok = tokenizer_info(tokenizer)
+    check_tokenizer_dir(tokenizer)
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(tokenizer_info, tokenizer)
+        if start is not None:
+            start()
+        tok = loading.result()
     sources = [{"path": f, "bytes": os.path.getsize(f), "sha256": file_sha256(f)} for f in files]
     with building(out_dir) as out:
         # A copy of the tokenizer travels with the shards, so a shard set is self-contained on any node.
