@@ -162,6 +162,17 @@ def test_tokenizer_dir_must_be_local(tmp_path):
         load_tokenizer(str(tmp_path / "meta-llama/Llama-2-7b"))
 
 
+def test_bad_arguments_are_refused_before_a_cluster_starts(corpus, tokenizer_dir, tmp_path):
+    """`start` (the CLI's init_ray) runs only once inputs, output and tokenizer directory are checked."""
+    started = []
+    for inputs, tok, out in [([str(tmp_path / "nope.jsonl")], tokenizer_dir, tmp_path / "a"),
+                             ([str(corpus)], str(tmp_path / "no-tokenizer"), tmp_path / "b"),
+                             ([str(corpus)], tokenizer_dir, Path(corpus).parent)]:
+        with pytest.raises(InputError):
+            prepare(inputs, tok, str(out), start=lambda: started.append(1))
+    assert started == [] and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_train_tokenizer_is_deterministic(corpus, tmp_path):
     a = train_tokenizer([str(corpus)], str(tmp_path / "a"), vocab_size=300)
     b = train_tokenizer([str(corpus)], str(tmp_path / "b"), vocab_size=300)
