@@ -66,7 +66,7 @@ def run(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}")
     return {"peak_tree_gb": peak_tree / 2**30, "peak_process_gb": peak_one / 2**30,
-            "wall_s": time.perf_counter() - t0}
+            "wall_s": time.perf_counter() - t0, "output": out}
 
 
 def main() -> None:
@@ -95,6 +95,7 @@ def main() -> None:
             cmd = [sys.executable, "-m", "raypatch.cli", "prepare", "--input", str(src), "--tokenizer", str(tok),
                    "--out", str(work / f"out-{len(rows)}"), "--val-every", "0"]
             rows[label] = run(cmd, dict(env, PYTHONPATH=str(tree)))
+            rows[label].pop("output")
             print(label, rows[label], flush=True)
     finally:
         if args.compare:

@@ -5,7 +5,8 @@ one gzipped JSONL file, about 52.6 M tokens with its BPE of 1024), with the same
 document separator (EOS after each document), each method in its own process tree:
 
 1. raypatch: `raypatch prepare` (a fresh local Ray cluster, start-up included), run --repeats times; the shard
-   files of every repeat must be byte-identical.
+   files of every repeat must be byte-identical. Then once more as `raypatch.prepare.prepare()` on a cluster
+   started before the clock (what a job submitted to a running cluster pays), with the same shards.
 2. Hugging Face `datasets`: load_dataset("json") + `.map(batched=True, num_proc=2)` with the fast tokenizer, then
    `.to_parquet` (its Arrow cache in a temporary directory, so nothing is reused between runs).
 3. One plain process: read the file, `tokenizers` encode_batch with TOKENIZERS_PARALLELISM=false (one core),
@@ -15,7 +16,11 @@ Reported: wall-clock, tokens/s, the ratios raypatch ÷ datasets and raypatch ÷ 
 memory (the sum over every process started during the run, sampled every 0.2 s, and the largest single process).
 All three must produce the same token count, and the first documents' ids must agree.
 
-Run: python benchmarks/corpus_debian.py && python benchmarks/prepare_scale.py   (about 10 minutes on 2 cores)
+With --copies N every method reads the corpus as N input files (N times the tokens), where fixed start-up
+costs weigh less and raypatch reads the files in parallel.
+
+Run: python benchmarks/corpus_debian.py && python benchmarks/prepare_scale.py   (about 4 minutes on 2 cores;
+     --copies 3 about 10)
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ DATASETS = textwrap.dedent('''
     tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
     eos = tok.eos_token_id
     cache = tempfile.mkdtemp(prefix="hf-datasets-")
-    ds = load_dataset("json", data_files=src, split="train", cache_dir=cache)
+    ds = load_dataset("json", data_files=src.split(","), split="train", cache_dir=cache)
     def encode(batch):
         ids = tok(batch["text"], add_special_tokens=False)["input_ids"]
         return {"input_ids": [x + [eos] for x in ids]}
@@ -67,15 +72,31 @@ PLAIN = textwrap.dedent('''
         table = pa.table({"input_ids": pa.array(ids, pa.list_(pa.int32()))})
         writer = writer or pq.ParquetWriter(out, table.schema)
         writer.write_table(table)
-    with gzip.open(src, "rt") as f:
-        for line in f:
-            batch.append(json.loads(line)["text"])
-            if len(batch) == 256:
-                flush(batch); batch = []
+    for path in src.split(","):
+        with gzip.open(path, "rt") as f:
+            for line in f:
+                batch.append(json.loads(line)["text"])
+                if len(batch) == 256:
+                    flush(batch); batch = []
     if batch:
         flush(batch)
     writer.close()
     print(total)
+''')
+
+
+RUNNING = textwrap.dedent('''
+    # raypatch.prepare.prepare on a cluster that is already up (what `ray job submit` meets): the same local
+    # cluster `raypatch prepare` starts, but started before the clock and left to the process's exit after it.
+    import sys, time
+    from raypatch.cluster import quiet_env, start_local_ray
+    quiet_env()
+    start_local_ray(4, log_to_driver=False, dashboard=False)
+    from raypatch.prepare import prepare
+    src, tok_dir, out = sys.argv[1:4]
+    t = time.perf_counter()
+    prepare(src.split(","), tok_dir, out, val_every=0, progress=False)
+    print(f"PREPARE_S {time.perf_counter() - t}")
 ''')
 
 
@@ -85,7 +106,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tokenizer", default=str(C.CACHE / "shards-corpus-v1024" / "tokenizer"),
                     help="a fast HF tokenizer directory (default: the regime study's BPE of 1024)")
     ap.add_argument("--repeats", type=int, default=2, help="raypatch runs (their shards must be byte-identical)")
-    ap.add_argument("--out", default=str(C.RESULTS / "prepare_scale"))
+    ap.add_argument("--copies", type=int, default=1,
+                    help="the corpus as this many input files (links to it): every method reads them all")
+    ap.add_argument("--out", default="", help="results name (default: prepare_scale, or prepare_scale_xN)")
     return ap.parse_args(argv)
 
 
@@ -112,6 +135,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"need {corpus} and {tok}: run benchmarks/corpus_debian.py and benchmarks/regime.py's "
                          f"shard preparation first (or pass --corpus/--tokenizer)")
     tmp = Path(tempfile.mkdtemp(prefix="raypatch-prepare-scale-"))
+    inputs = [corpus]
+    if args.copies > 1:
+        (tmp / "in").mkdir()
+        inputs = [tmp / "in" / f"corpus-{i}.jsonl.gz" for i in range(args.copies)]
+        for link in inputs:
+            link.symlink_to(corpus)
+    src = ",".join(map(str, inputs))
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TOKENIZERS_PARALLELISM": "false",
                         "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     load = C.LoadTracker()
@@ -120,19 +150,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for i in range(args.repeats):
             out = tmp / f"raypatch-{i}"
             # val_every 0: every document in train, as the other two write them (one separator per document).
-            m = run([sys.executable, "-m", "raypatch.cli", "prepare", "--input", str(corpus), "--tokenizer", str(tok),
-                     "--out", str(out), "--val-every", "0"], env)
+            m = run([sys.executable, "-m", "raypatch.cli", "prepare", "--input", *map(str, inputs), "--tokenizer",
+                     str(tok), "--out", str(out), "--val-every", "0"], env)
+            m.pop("output")
             manifest = json.loads((out / "manifest.json").read_text())
             runs.append({"method": f"raypatch prepare (run {i + 1})", **m,
                          "tokens": manifest["splits"]["train"]["tokens"], "hashes": shard_hashes(out)})
             load.mark(f"raypatch {i + 1}")
+        # The same pipeline on a cluster that is up already: the clock covers prepare() alone.
+        (tmp / "running.py").write_text(RUNNING)
+        out = tmp / "raypatch-running"
+        m = run([sys.executable, str(tmp / "running.py"), src, str(tok), str(out)], env)
+        m["wall_s"] = float(m.pop("output").split("PREPARE_S ")[1].split()[0])
+        manifest = json.loads((out / "manifest.json").read_text())
+        running = {"method": "raypatch prepare() on a running cluster (start and stop not timed)", **m,
+                   "tokens": manifest["splits"]["train"]["tokens"],
+                   "same_shards": shard_hashes(out) == runs[0]["hashes"]}
+        load.mark("raypatch running")
         (tmp / "hf_datasets.py").write_text(DATASETS)
-        m = run([sys.executable, str(tmp / "hf_datasets.py"), str(corpus), str(tok), str(tmp / "datasets.parquet")],
-                env)
+        m = run([sys.executable, str(tmp / "hf_datasets.py"), src, str(tok), str(tmp / "datasets.parquet")], env)
+        m.pop("output")
         runs.append({"method": "HF datasets .map(batched, num_proc=2)", **m})
         load.mark("datasets")
         (tmp / "plain.py").write_text(PLAIN)
-        m = run([sys.executable, str(tmp / "plain.py"), str(corpus), str(tok), str(tmp / "plain.parquet")], env)
+        m = run([sys.executable, str(tmp / "plain.py"), src, str(tok), str(tmp / "plain.parquet")], env)
+        m.pop("output")
         runs.append({"method": "one plain process (tokenizers, 1 thread)", **m})
         load.mark("plain")
         import pyarrow.parquet as pq
@@ -145,24 +187,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         identical = all(r["hashes"] == runs[0]["hashes"] for r in runs[: args.repeats])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    runs.insert(args.repeats, running)
+    same_tokens = len({r["tokens"] for r in runs}) == 1
+    identical = identical and running.pop("same_shards")
     for r in runs:
         r["tokens_per_s"] = r["tokens"] / r["wall_s"]
-    rp = [r for r in runs if r["method"].startswith("raypatch")]
-    best = max(r["tokens_per_s"] for r in rp)
+    best = max(r["tokens_per_s"] for r in runs[: args.repeats])
     result = {"machine": C.machine(), "load": load.summary(), "corpus": str(corpus), "tokenizer": str(tok),
               "runs": [{k: v for k, v in r.items() if k != "hashes"} for r in runs],
               "same_token_count": same_tokens, "same_first_rows": same_ids, "raypatch_shards_identical": identical,
               "raypatch_vs_datasets": best / runs[-2]["tokens_per_s"],
               "raypatch_vs_one_process": best / runs[-1]["tokens_per_s"],
+              "running_cluster_vs_datasets": running["tokens_per_s"] / runs[-2]["tokens_per_s"],
+              "running_cluster_vs_one_process": running["tokens_per_s"] / runs[-1]["tokens_per_s"],
+              "copies": args.copies,
               "wall_s": sum(r["wall_s"] for r in runs)}
     rows = [[r["method"], f"{r['tokens']:,}", f"{r['wall_s']:.1f}", f"{r['tokens_per_s'] / 1e6:.3f}",
              f"{r['peak_tree_gb']:.2f}", f"{r['peak_process_gb']:.2f}"] for r in runs]
-    tables = (f"Corpus {corpus.name}, tokenizer {tok}. raypatch ÷ datasets {result['raypatch_vs_datasets']:.2f}, "
-              f"raypatch ÷ one process {result['raypatch_vs_one_process']:.2f} (best raypatch run). Same token count: "
-              f"{same_tokens}; same first rows: {same_ids}; raypatch shards byte-identical across runs: {identical}."
+    tables = (f"Corpus {corpus.name}" + (f" as {args.copies} input files" if args.copies > 1 else "") +
+              f", tokenizer {tok}. raypatch ÷ datasets {result['raypatch_vs_datasets']:.2f}, "
+              f"raypatch ÷ one process {result['raypatch_vs_one_process']:.2f} (best `raypatch prepare` run, "
+              f"Ray's start and stop included); on a running cluster "
+              f"{result['running_cluster_vs_datasets']:.2f} and {result['running_cluster_vs_one_process']:.2f}. "
+              f"Same token count: {same_tokens}; same first rows: {same_ids}; raypatch shards byte-identical across "
+              f"runs: {identical}."
               "\n\n" + C.md_table(["method", "tokens", "wall s", "M tokens/s", "peak RSS, all processes (GB)",
                                    "peak RSS, largest process (GB)"], rows))
-    C.write_outputs(Path(args.out), result, tables)
+    name = args.out or str(C.RESULTS / ("prepare_scale" if args.copies == 1 else f"prepare_scale_x{args.copies}"))
+    C.write_outputs(Path(name), result, tables)
     return result
 
 
