@@ -107,7 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="a fast HF tokenizer directory (default: the regime study's BPE of 1024)")
     ap.add_argument("--repeats", type=int, default=2, help="raypatch runs (their shards must be byte-identical)")
     ap.add_argument("--copies", type=int, default=1,
-                    help="the corpus as this many input files (links to it): every method reads them all")
+                    help="the corpus as this many input files (copies of it): every method reads them all")
     ap.add_argument("--out", default="", help="results name (default: prepare_scale, or prepare_scale_xN)")
     return ap.parse_args(argv)
 
@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.copies > 1:
         (tmp / "in").mkdir()
         inputs = [tmp / "in" / f"corpus-{i}.jsonl.gz" for i in range(args.copies)]
-        for link in inputs:
-            link.symlink_to(corpus)
+        for copy in inputs:  # copies, not links: raypatch reads a file named twice once
+            shutil.copyfile(corpus, copy)
     src = ",".join(map(str, inputs))
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TOKENIZERS_PARALLELISM": "false",
                         "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
