@@ -22,7 +22,7 @@ def init_ray(num_cpus: int | None = None, *, dashboard: bool = True) -> None:
     A local cluster gets more logical CPUs than Train workers take, so Ray Data's read tasks always have room
     (with every CPU held by Train workers, Ray Data waits forever). The dashboard binds to 127.0.0.1; a command
     that runs only Ray Data (`raypatch prepare`) goes without it: Train V2 and Tune need it, Ray Data does not,
-    and its nine processes cost about 3 s of start and stop on 2 cores.
+    and its nine processes add to every start and stop.
     """
     import ray
 

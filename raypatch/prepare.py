@@ -460,7 +460,7 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, *, text_field: str 
     (`DocShuffler`): raypatch streams shards in order, so a corpus sorted by source or topic would otherwise
     give the patch phase and the token phase different kinds of text. Needs a running Ray cluster, or `start`,
     which is called once the arguments are checked, while the tokenizer loads (`cluster.init_ray`: bad input is
-    refused before a cluster starts, and transformers' import, 1.5 s, overlaps Ray's start).
+    refused before a cluster starts, and transformers' import overlaps Ray's start).
 
     The set is built in a temporary sibling of `out_dir` and renamed into place when complete: a failure
     leaves `out_dir` as it was. An existing `out_dir` is replaced only with `overwrite`, and only when it
@@ -517,10 +517,10 @@ def _tokenize_into(out: Path, files: list[str], tokenizer: str, tok: dict[str, A
     warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
     # Small blocks: one file's documents must spread over every tokenizer actor, not arrive as one block.
     ctx.target_max_block_size = min(ctx.target_max_block_size or 1 << 30, 1 << 20)
-    # One tokenizer actor per core: tokenizing is nearly all the work, reading (decompress, JSON) about 2 % of
+    # One tokenizer actor per core: tokenizing is nearly all the work, reading (decompress, JSON) a small part of
     # it. Each actor asks for 0.9 CPU so that the reading tasks (0.1) always fit beside them (actors holding
     # every CPU would starve the readers forever). A local cluster raypatch starts advertises more logical CPUs
-    # than the machine has cores (init_ray says why), and one actor more than cores measured 16 % slower.
+    # than the machine has cores (init_ray says why); more actors than cores only contend for them.
     cpus = int(ray.available_resources().get("CPU", 1)) if ray.is_initialized() else 1
     if not os.environ.get("RAY_ADDRESS"):
         cpus = min(cpus, os.cpu_count() or 1)
