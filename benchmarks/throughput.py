@@ -9,17 +9,20 @@ phase, the data pipeline's share of step time, and raypatch against a plain PyTo
 2. Data wait through the real packer: raypatch.data.worker_dataset(...).iter_batches feeding the same plain loop;
    time blocked in next() ÷ step time, per phase, after the first steps (pipeline start reported apart).
    Target <= 2%. The trainer's own perf/data_wait from (3) is listed too.
-3. raypatch.driver.fit with one worker (Ray Train + DeepSpeed ZeRO-2, fp32; patch phase K=4 then token phase), its
-   perf/tokens_per_s from metrics.jsonl without each phase's first log window; against the Hugging Face Trainer
-   (same model config, batch, data, AdamW, clip and schedule; no eval, no saving, report_to=[], use_cpu=True) in
-   the token phase (target raypatch ÷ HF >= 1.0), and against the plain loop in both phases (target >= 0.9).
+3. raypatch.driver.fit with one worker (Ray Train + DeepSpeed at the default stage, fp32: no ZeRO; patch phase
+   K=4 then token phase), its perf/tokens_per_s from metrics.jsonl without each phase's first log window; against
+   the Hugging Face Trainer (same model config, batch, data, AdamW, clip and schedule; no eval, no saving,
+   report_to=[], use_cpu=True) in the token phase (target raypatch ÷ HF >= 1.0), and against the plain loop in
+   both phases (target >= 0.9).
    The plain loop is measured before and after (3) and its mean is the reference, bracketing drift in load.
 
 Threads: a Ray Train worker with 1 CPU runs torch with 1 thread (Ray sets OMP_NUM_THREADS), so the plain loop and
 the HF Trainer run with the same --threads (default 1) and the raypatch worker asks for --threads CPUs.
 
 A second, diagnostic fit with ZeRO-1 (--no-zero1 skips it) shows how much of raypatch's one-worker overhead is
-DeepSpeed ZeRO-2's per-micro-batch gradient handling.
+ZeRO's per-step gradient and weight copies. [4] repeats the before/after arms interleaved (ABBA): "before" is the
+trainer as issue 14 found it (ZeRO-2, a preemption check every step, per-tensor AdamW), "after" the defaults now
+(no ZeRO in fp32) and ZeRO-1 beside them.
 
 Run: python benchmarks/throughput.py        (about 4 minutes; writes benchmarks/results/throughput.json|md)
 """
@@ -195,7 +198,7 @@ def phase_rates(metrics_path: Path, tps: int) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run_raypatch(cfg: Any, steps: int, threads: int, tmp: Path, zero_stage: int = 2, workers: int = 1,
+def run_raypatch(cfg: Any, steps: int, threads: int, tmp: Path, zero_stage: int = 0, workers: int = 1,
                  overrides: tuple[str, ...] = (), name: str = "") -> dict[str, Any]:
     from raypatch.config import apply_overrides
     from raypatch.driver import fit
@@ -226,8 +229,8 @@ def abba(cfg: Any, args: argparse.Namespace, tokens: Any, tmp: Path, with_hf: bo
     for w in (int(x) for x in args.abba_workers.split(",")):
         arms.append((f"{w}w before (ZeRO-2, preemption check every step, per-tensor AdamW)",
                      lambda w=w: run_raypatch(cfg, args.fit_steps, args.threads, tmp, 2, w, BEFORE, "abba")))
-        for z in (1, 2):
-            arms.append((f"{w}w after, ZeRO-{z}",
+        for z in (1, 0):
+            arms.append((f"{w}w after, {'default (no ZeRO)' if z == 0 else 'ZeRO-1'}",
                          lambda w=w, z=z: run_raypatch(cfg, args.fit_steps, args.threads, tmp, z, w, (), "abba")))
     if with_hf:
         arms.append(("HF Trainer, 1 process", lambda: {"phases": {"token": run_hf(cfg, tokens, args.fit_steps, 10,
@@ -389,7 +392,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         # 3. raypatch (1 worker) and the HF Trainer
         if not args.skip_fit:
-            print("\n[3a] raypatch.driver.fit, 1 worker (Ray Train + DeepSpeed ZeRO-2), K=4 λ=1/2", flush=True)
+            print("\n[3a] raypatch.driver.fit, 1 worker (Ray Train + DeepSpeed, default: no ZeRO), K=4 λ=1/2",
+                  flush=True)
             result["raypatch"] = run_raypatch(cfg, args.fit_steps, args.threads, tmp)
             for ph, v in result["raypatch"]["phases"].items():
                 print(f"  {ph}: {v['tokens_per_s']:,.0f} tok/s, data-wait {v['data_wait']:.2%}", flush=True)
@@ -454,7 +458,8 @@ def tables(res: dict[str, Any]) -> str:
                  "patch": (plain["patch"] + statistics.median(after["4"])) / 2}
     systems = [[f"plain loop (before/after mean), {ph}", f"{plain[ph]:,.0f}", "1.000", ""] for ph in ("patch", "token")]
     targets = {"raypatch": {"patch": "≥ 0.95", "token": "≥ 0.95"}}
-    for key, label in (("raypatch", "raypatch fit, 1 worker, ZeRO-2"), ("raypatch_zero1", "raypatch fit, ZeRO-1")):
+    for key, label in (("raypatch", "raypatch fit, 1 worker, default (no ZeRO)"),
+                       ("raypatch_zero1", "raypatch fit, ZeRO-1")):
         for ph, v in (res.get(key) or {}).get("phases", {}).items():
             systems.append([f"{label}, {ph}", f"{v['tokens_per_s']:,.0f}", f"{v['tokens_per_s'] / plain[ph]:.3f}",
                             targets.get(key, {}).get(ph, "")])

@@ -48,6 +48,7 @@ from raypatch.safety import (
 
 META = "meta.json"
 TAG = "ds"
+MODEL_STATES = "mp_rank_00_model_states.pt"
 VERSION = 1
 
 
@@ -207,6 +208,15 @@ class Resume:
     tag: str = TAG
     """'ds', or 'ds_universal' when the checkpoint was written at another data-parallel size."""
     where: str = ""
+    stage: int | None = None
+    """The ZeRO stage that wrote the checkpoint (0: none); -1 when it predates meta.json's zero_stage (ZeRO
+    shards, stage 1-3). A run keeps the stage it started with: DeepSpeed loads each layout only into its own."""
+
+    def zero_stage(self, chosen: int) -> int:
+        """The stage to build the engine with: the checkpoint's, else `chosen` (the config's)."""
+        if self.stage is None or self.stage == -1 and chosen:
+            return chosen
+        return 1 if self.stage == -1 else self.stage
 
     def load_into(self, engine: Any, rank: int) -> None:
         """Load weights, optimizer and RNG through the restricted unpickler (DeepSpeed's own loader would
@@ -239,15 +249,20 @@ def checkpoint_to_resume(identity: dict[str, Any], world_size: int, say: Callabl
         meta = load_meta(local)
         check_compatible(meta, config=identity["config"], tokenizer_fingerprint=identity["tokenizer_fingerprint"],
                          plan=identity["plan"], shards=identity["shards_id"], where=str(ckpt.path))
-        check_shards(local, meta["world_size"])
+        stage = written_stage(meta)
+        check_shards(local, meta["world_size"], stage)
         tag = TAG
-        if meta["world_size"] != world_size:
+        if meta["world_size"] != world_size and stage == 0:
+            # Without ZeRO every rank holds the whole optimizer state, saved once: it loads at any size.
+            say(f"resizing: checkpoint written by {meta['world_size']} workers, resuming on {world_size} "
+                f"(gradient accumulation recomputed, tokens per step unchanged)")
+        elif meta["world_size"] != world_size:
             # ZeRO shards only load at the data-parallel size that wrote them: convert to DeepSpeed's universal
             # checkpoint, which loads at any size. The data cursor needs nothing: it counts blocks, not ranks.
             tag = to_universal(local)
             say(f"resizing: checkpoint written by {meta['world_size']} workers, resuming on {world_size} "
                 f"(universal checkpoint; gradient accumulation recomputed, tokens per step unchanged)")
-        yield Resume(TrainState.from_dict(meta["state"]), local, tag, str(ckpt.path))
+        yield Resume(TrainState.from_dict(meta["state"]), local, tag, str(ckpt.path), stage)
     finally:
         shutil.rmtree(local, ignore_errors=True)
 
@@ -291,8 +306,18 @@ def clear_stale(fs: Any, path: str) -> bool:
     return True
 
 
-def check_shards(ckpt_dir: str | Path, world_size: int) -> None:
-    """The ZeRO optimizer shards under ckpt_dir/ds must be exactly one per rank of the writing worker group."""
+def written_stage(meta: dict[str, Any]) -> int:
+    """The ZeRO stage meta.json records (0: none); -1 for checkpoints written before it was recorded, which all
+    hold ZeRO shards."""
+    stage = meta.get("zero_stage", -1)
+    if stage not in (-1, 0, 1, 2, 3):
+        raise InputError(f"checkpoint meta {META}: zero_stage must be 0, 1, 2 or 3, got {stage!r}")
+    return stage
+
+
+def check_shards(ckpt_dir: str | Path, world_size: int, stage: int = -1) -> None:
+    """The ZeRO optimizer shards under ckpt_dir/ds must be exactly one per rank of the writing worker group;
+    without ZeRO (stage 0) there are none, and the one model-states file holds weights and optimizer."""
     import re
 
     # zero_pp_rank_<r>_mp_rank_00_optim_states.pt (bf16_zero_pp_rank_... under DeepSpeed's BF16 optimizer)
@@ -301,6 +326,12 @@ def check_shards(ckpt_dir: str | Path, world_size: int) -> None:
     if not ds.is_dir():
         raise InputError(f"checkpoint {ckpt_dir}: no {TAG}/ directory with DeepSpeed states (an incomplete copy?)")
     ranks = sorted(int(m.group(1)) for f in ds.iterdir() if (m := pat.fullmatch(f.name)))
+    if stage == 0:
+        if ranks or not (ds / MODEL_STATES).is_file():
+            raise InputError(f"checkpoint {ckpt_dir}: meta.json says it was written without ZeRO, but {TAG}/ holds "
+                             f"{'ZeRO shards of ranks ' + str(ranks) if ranks else 'no ' + MODEL_STATES}; it is "
+                             f"incomplete or mixed with another run's files")
+        return
     if ranks != list(range(world_size)):
         raise InputError(f"checkpoint {ckpt_dir}: meta.json says {world_size} workers wrote it, but {TAG}/ holds "
                          f"ZeRO shards of ranks {ranks}; it is incomplete or mixed with another run's files")
@@ -380,7 +411,7 @@ def check_checkpoint(ckpt_dir: str | Path) -> dict[str, Any]:
     """Everything that can be checked of a checkpoint before training or export: meta.json, one ZeRO shard
     per writing rank, and every file's pickle against the allow-list. Returns the meta."""
     meta = load_meta(ckpt_dir)
-    check_shards(ckpt_dir, meta["world_size"])
+    check_shards(ckpt_dir, meta["world_size"], written_stage(meta))
     scan_checkpoint(ckpt_dir)
     return meta
 
@@ -403,7 +434,8 @@ def export_files(d: Path) -> set[str]:
 
 def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str | None = None,
               overwrite: bool = False) -> Path:
-    """Consolidate the ZeRO shards (any stage, any worker count) into an HF model directory (safetensors).
+    """Consolidate the ZeRO shards (any stage, any worker count; or without ZeRO the model states) into an HF
+    model directory (safetensors).
 
     The directory is built in a temporary sibling of `out_dir` and renamed into place, so an interrupted
     export never leaves a half-written model. `out_dir` may not be, hold or lie inside the checkpoint or its
@@ -428,7 +460,10 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str |
     try:
         # zero_to_fp32 prints its progress to stdout, which is evaluate's JSON output: keep it off the terminal.
         with restricted_torch_load(), contextlib.redirect_stdout(io.StringIO()):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG)
+            if written_stage(meta) == 0:  # no ZeRO: the model-states file holds the whole fp32 module
+                state = torch.load(ckpt / TAG / MODEL_STATES, map_location="cpu")["module"]
+            else:
+                state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG)
     except pickle.UnpicklingError as e:
         raise unpickle_error(e, str(ckpt_dir)) from None
     state = {k.removeprefix("hf."): v for k, v in state.items()}

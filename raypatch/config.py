@@ -189,7 +189,7 @@ class ScaleConfig:
     worker_resources: str = ""
     """More resources each worker asks for, as name=amount pairs: 'trainslot=1' or 'spot_gpu=1,ssd=1'."""
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage 1, 2 or 3; 0 = from the model size (1 up to 1B parameters, else 2)."""
+    """DeepSpeed ZeRO stage 1, 2 or 3; 0 = chosen (fp32 up to 100M parameters: none; up to 1B: 1; else 2)."""
     precision: str = "bf16"
     """Training precision: bf16 or fp32 (fp16 is refused on CPU)."""
     zero3_persistence_threshold: int = 100_000

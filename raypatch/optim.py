@@ -12,24 +12,38 @@ import torch
 from raypatch.config import Config
 
 ZERO1_MAX_PARAMS = 1_000_000_000
+NO_ZERO_MAX_PARAMS = 100_000_000
 
 
 def zero_stage(cfg: Config, num_params: int) -> int:
-    """scale.zero_stage, or with 0 the stage for the model's size. ZeRO-1 shards the optimizer state and reduces
-    gradients once per step; ZeRO-2 also shards gradients, which saves 2 bytes per parameter (bf16) per worker but
-    reduces in buckets at every micro-batch: a fixed cost per micro-batch that measured 0.90 of a plain loop in
-    the patch phase against ZeRO-1's 1.00 (benchmarks/results/throughput.md). Up to 1B parameters the replicated
-    gradients fit easily, so ZeRO-1; above, ZeRO-2; ZeRO-3 only when asked for."""
+    """scale.zero_stage, or with 0 the stage for the model's precision and size (0 = no ZeRO: DeepSpeed's plain
+    data-parallel engine).
+
+    - fp32 up to 100M parameters: no ZeRO. In fp32 ZeRO-1 keeps one more fp32 copy of its partition and, every
+      step, copies gradients into it, computes the norm per tensor and copies the weights back: a fixed per-step
+      cost that weighs K times more in a patch step (benchmarks/throughput.py, the "ZeRO-1" against the "no ZeRO"
+      arms). The replicated AdamW state is at most 1.6 GB a worker at that size.
+    - bf16 up to 1B: ZeRO-1 (its fp32 master weights are the partition DeepSpeed needs anyway). ZeRO-2 also shards
+      gradients but reduces in buckets at every micro-batch, a fixed cost per micro-batch.
+    - Above: ZeRO-2; ZeRO-3 only when asked for.
+    """
     if cfg.scale.zero_stage:
         return cfg.scale.zero_stage
+    if cfg.scale.precision == "fp32" and num_params <= NO_ZERO_MAX_PARAMS:
+        return 0
     return 1 if num_params <= ZERO1_MAX_PARAMS else 2
 
 
-def deepspeed_config(cfg: Config, grad_accum: int, world_size: int, num_params: int) -> dict[str, Any]:
-    """DeepSpeed's config for `cfg`: ZeRO stage, precision, clipping and AdamW (the learning rate is set by the
-    loop every step, from `lr_at`)."""
+def stage_name(stage: int) -> str:
+    return f"ZeRO-{stage}" if stage else "no ZeRO"
+
+
+def deepspeed_config(cfg: Config, grad_accum: int, world_size: int, num_params: int,
+                     stage: int | None = None) -> dict[str, Any]:
+    """DeepSpeed's config for `cfg`: ZeRO stage (`stage`, else zero_stage's), precision, clipping and AdamW (the
+    learning rate is set by the loop every step, from `lr_at`)."""
     o = cfg.optim
-    stage = zero_stage(cfg, num_params)
+    stage = zero_stage(cfg, num_params) if stage is None else stage
     zero: dict[str, Any] = {"stage": stage}
     if stage == 3:
         # Tiny models would otherwise stay whole on every rank (below DeepSpeed's 1e5-element default).

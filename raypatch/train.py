@@ -34,13 +34,14 @@ from raypatch.metrics import (
     peak_flops,
     savings,
 )
-from raypatch.model import PatchLM, build_model, check_token_ids, loss_sum, num_params
+from raypatch.model import PatchLM, build_model, check_token_ids, count_params, loss_sum, num_params
 from raypatch.optim import (
     deepspeed_config,
     grad_accum_steps,
     lr_at,
     param_groups,
     set_lr,
+    stage_name,
     start_phase,
     zero_stage,
 )
@@ -101,13 +102,15 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 "world_size": w.world_size}
     with checkpoint_to_resume(identity, w.world_size, w.say) as resume:  # the local copy goes on exit
         state = resume.state
-        engine, n_params = build_engine(cfg, plans[min(state.phase, len(plans) - 1)], w.world_size,
+        stage = resume.zero_stage(zero_stage(cfg, count_params(cfg.model)))
+        identity["zero_stage"] = stage  # meta.json: a resumed run keeps it (DeepSpeed loads a layout only into its own)
+        engine, n_params = build_engine(cfg, plans[min(state.phase, len(plans) - 1)], w.world_size, stage,
                                         universal=resume.tag != "ds")
         resume.load_into(engine, w.rank)
         if resume.dir is not None:
             plan = plans[min(state.phase, len(plans) - 1)]
             w.say(f"resumed from {resume.where}: {plan.phase} phase, step {state.step_in_phase}/{plan.num_steps}")
-    w.say(f"{w.world_size} worker(s) ready: {n_params:,} parameters, DeepSpeed ZeRO-{zero_stage(cfg, n_params)} "
+    w.say(f"{w.world_size} worker(s) ready: {n_params:,} parameters, DeepSpeed {stage_name(stage)} "
           f"{cfg.scale.precision} on {w.device.type}; training")
     val_sets = evaluation_sets(cfg, manifest, w.world_size)
     writer = MetricsWriter(run_dir, enabled=w.rank == 0)
@@ -199,7 +202,8 @@ def start_worker(cfg: Config, console: Any = None) -> Worker:
     return Worker(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), console)
 
 
-def build_engine(cfg: Config, plan: PhasePlan, world_size: int, *, universal: bool) -> tuple[Any, int]:
+def build_engine(cfg: Config, plan: PhasePlan, world_size: int, stage: int, *,
+                 universal: bool) -> tuple[Any, int]:
     """The DeepSpeed engine around a fresh model (weights come from the checkpoint when resuming)."""
     import deepspeed
     import deepspeed.ops
@@ -210,7 +214,7 @@ def build_engine(cfg: Config, plan: PhasePlan, world_size: int, *, universal: bo
     model = PatchLM(build_model(cfg.model, seed=cfg.seed))
     n_params = num_params(model.hf)
     grad_accum = grad_accum_steps(plan.blocks_per_step, plan.phase, world_size, cfg.optim.micro_batch_size)
-    ds_config = deepspeed_config(cfg, grad_accum, world_size, n_params)
+    ds_config = deepspeed_config(cfg, grad_accum, world_size, n_params, stage)
     if universal:
         ds_config["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),

@@ -32,13 +32,24 @@ def test_preemption_checks_go_by_time_with_the_same_steps_on_every_rank():
     assert ranks[0].preempt_every == 1
 
 
-def test_zero_stage_from_the_model_size():
+def test_zero_stage_from_precision_and_model_size():
     from raypatch import presets
+    from raypatch.checkpoint import Resume, TrainState
     from raypatch.config import apply_overrides
     from raypatch.optim import deepspeed_config, zero_stage
 
-    auto = presets.demo()
-    assert auto.scale.zero_stage == 0 and zero_stage(auto, 1_840_256) == 1 and zero_stage(auto, 7_000_000_000) == 2
+    auto = presets.demo()  # fp32
+    assert auto.scale.precision == "fp32" and auto.scale.zero_stage == 0
+    assert zero_stage(auto, 1_840_256) == 0 and zero_stage(auto, 100_000_001) == 1
+    assert zero_stage(auto, 7_000_000_000) == 2
+    bf16 = apply_overrides(auto, ["scale.precision=bf16"])
+    assert zero_stage(bf16, 1_840_256) == 1 and zero_stage(bf16, 7_000_000_000) == 2
     assert zero_stage(apply_overrides(auto, ["scale.zero_stage=3"]), 1000) == 3
     ds = deepspeed_config(auto, 2, 2, 1_840_256)
-    assert ds["zero_optimization"]["stage"] == 1 and ds["optimizer"]["params"]["fused"] is True
+    assert ds["zero_optimization"]["stage"] == 0 and ds["optimizer"]["params"]["fused"] is True
+    assert deepspeed_config(auto, 2, 2, 1_840_256, stage=2)["zero_optimization"]["stage"] == 2
+    # A resumed run keeps the stage its checkpoint was written with; one that predates the record holds ZeRO
+    # shards, so it never resumes without ZeRO.
+    assert Resume(TrainState()).zero_stage(0) == 0
+    assert Resume(TrainState(), stage=1).zero_stage(0) == 1 and Resume(TrainState(), stage=0).zero_stage(2) == 0
+    assert Resume(TrainState(), stage=-1).zero_stage(0) == 1 and Resume(TrainState(), stage=-1).zero_stage(2) == 2
