@@ -102,8 +102,12 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 "world_size": w.world_size}
     with checkpoint_to_resume(identity, w.world_size, w.say) as resume:  # the local copy goes on exit
         state = resume.state
-        stage = resume.zero_stage(zero_stage(cfg, count_params(cfg.model)))
+        chosen = zero_stage(cfg, count_params(cfg.model))
+        stage = resume.zero_stage(chosen)
         identity["zero_stage"] = stage  # meta.json: a resumed run keeps it (DeepSpeed loads a layout only into its own)
+        if stage != chosen:
+            w.say(f"resuming with DeepSpeed {stage_name(stage)}, as this run's checkpoint was written (the config "
+                  f"asks for {stage_name(chosen)}; a new checkpoint.name starts a run with it)")
         engine, n_params = build_engine(cfg, plans[min(state.phase, len(plans) - 1)], w.world_size, stage,
                                         universal=resume.tag != "ds")
         resume.load_into(engine, w.rank)
