@@ -214,9 +214,11 @@ class Resume:
 
     def zero_stage(self, chosen: int) -> int:
         """The stage to build the engine with: the checkpoint's, else `chosen` (the config's)."""
-        if self.stage is None or self.stage == -1 and chosen:
+        if self.stage is None:  # a fresh run
             return chosen
-        return 1 if self.stage == -1 else self.stage
+        if self.stage == -1:  # ZeRO shards of an unrecorded stage: the config's, but never none
+            return chosen or 1
+        return self.stage
 
     def load_into(self, engine: Any, rank: int) -> None:
         """Load weights, optimizer and RNG through the restricted unpickler (DeepSpeed's own loader would
@@ -249,19 +251,18 @@ def checkpoint_to_resume(identity: dict[str, Any], world_size: int, say: Callabl
         meta = load_meta(local)
         check_compatible(meta, config=identity["config"], tokenizer_fingerprint=identity["tokenizer_fingerprint"],
                          plan=identity["plan"], shards=identity["shards_id"], where=str(ckpt.path))
-        stage = written_stage(meta)
+        stage = written_stage(meta, local)
         check_shards(local, meta["world_size"], stage)
         tag = TAG
-        if meta["world_size"] != world_size and stage == 0:
-            # Without ZeRO every rank holds the whole optimizer state, saved once: it loads at any size.
-            say(f"resizing: checkpoint written by {meta['world_size']} workers, resuming on {world_size} "
-                f"(gradient accumulation recomputed, tokens per step unchanged)")
-        elif meta["world_size"] != world_size:
+        if meta["world_size"] != world_size:
             # ZeRO shards only load at the data-parallel size that wrote them: convert to DeepSpeed's universal
-            # checkpoint, which loads at any size. The data cursor needs nothing: it counts blocks, not ranks.
-            tag = to_universal(local)
+            # checkpoint, which loads at any size. Without ZeRO the one state file loads at any size as it is.
+            # The data cursor needs nothing: it counts blocks, not ranks.
+            if stage != 0:
+                tag = to_universal(local)
             say(f"resizing: checkpoint written by {meta['world_size']} workers, resuming on {world_size} "
-                f"(universal checkpoint; gradient accumulation recomputed, tokens per step unchanged)")
+                f"({'universal checkpoint; ' if stage else ''}gradient accumulation recomputed, tokens per step "
+                f"unchanged)")
         yield Resume(TrainState.from_dict(meta["state"]), local, tag, str(ckpt.path), stage)
     finally:
         shutil.rmtree(local, ignore_errors=True)
@@ -306,12 +307,12 @@ def clear_stale(fs: Any, path: str) -> bool:
     return True
 
 
-def written_stage(meta: dict[str, Any]) -> int:
+def written_stage(meta: dict[str, Any], ckpt_dir: str | Path) -> int:
     """The ZeRO stage meta.json records (0: none); -1 for checkpoints written before it was recorded, which all
     hold ZeRO shards."""
     stage = meta.get("zero_stage", -1)
-    if stage not in (-1, 0, 1, 2, 3):
-        raise InputError(f"checkpoint meta {META}: zero_stage must be 0, 1, 2 or 3, got {stage!r}")
+    if type(stage) is not int or stage not in (-1, 0, 1, 2, 3):
+        raise InputError(f"checkpoint {ckpt_dir}: {META} field zero_stage must be 0, 1, 2 or 3, got {stage!r}")
     return stage
 
 
@@ -411,7 +412,7 @@ def check_checkpoint(ckpt_dir: str | Path) -> dict[str, Any]:
     """Everything that can be checked of a checkpoint before training or export: meta.json, one ZeRO shard
     per writing rank, and every file's pickle against the allow-list. Returns the meta."""
     meta = load_meta(ckpt_dir)
-    check_shards(ckpt_dir, meta["world_size"], written_stage(meta))
+    check_shards(ckpt_dir, meta["world_size"], written_stage(meta, ckpt_dir))
     scan_checkpoint(ckpt_dir)
     return meta
 
@@ -460,7 +461,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str |
     try:
         # zero_to_fp32 prints its progress to stdout, which is evaluate's JSON output: keep it off the terminal.
         with restricted_torch_load(), contextlib.redirect_stdout(io.StringIO()):
-            if written_stage(meta) == 0:  # no ZeRO: the model-states file holds the whole fp32 module
+            if written_stage(meta, ckpt) == 0:  # no ZeRO: the model-states file holds the whole fp32 module
                 state = torch.load(ckpt / TAG / MODEL_STATES, map_location="cpu")["module"]
             else:
                 state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG)

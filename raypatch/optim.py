@@ -22,7 +22,8 @@ def zero_stage(cfg: Config, num_params: int) -> int:
     - fp32 up to 100M parameters: no ZeRO. In fp32 ZeRO-1 keeps one more fp32 copy of its partition and, every
       step, copies gradients into it, computes the norm per tensor and copies the weights back: a fixed per-step
       cost that weighs K times more in a patch step (benchmarks/throughput.py, the "ZeRO-1" against the "no ZeRO"
-      arms). The replicated AdamW state is at most 1.6 GB a worker at that size.
+      arms). Weights, gradients and both AdamW moments, all replicated: 16 bytes per parameter, at most 1.6 GB a
+      worker at that size.
     - bf16 up to 1B: ZeRO-1 (its fp32 master weights are the partition DeepSpeed needs anyway). ZeRO-2 also shards
       gradients but reduces in buckets at every micro-batch, a fixed cost per micro-batch.
     - Above: ZeRO-2; ZeRO-3 only when asked for.

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raypatch.checkpoint import TrainState, checkpoint_to_resume, save_and_report
+from raypatch.checkpoint import TAG, Resume, TrainState, checkpoint_to_resume, save_and_report
 from raypatch.cluster import quiet_worker_logs
 from raypatch.config import Config
 from raypatch.data import PhasePlan, TokenStream, plan_dicts, plan_from_config, text_rows, val_rows, worker_dataset
@@ -34,7 +34,7 @@ from raypatch.metrics import (
     peak_flops,
     savings,
 )
-from raypatch.model import PatchLM, build_model, check_token_ids, count_params, loss_sum, num_params
+from raypatch.model import PatchLM, build_model, check_token_ids, loss_sum, num_params
 from raypatch.optim import (
     deepspeed_config,
     grad_accum_steps,
@@ -102,14 +102,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 "world_size": w.world_size}
     with checkpoint_to_resume(identity, w.world_size, w.say) as resume:  # the local copy goes on exit
         state = resume.state
-        chosen = zero_stage(cfg, count_params(cfg.model))
-        stage = resume.zero_stage(chosen)
+        engine, n_params, stage = build_engine(cfg, plans[min(state.phase, len(plans) - 1)], w.world_size, resume)
         identity["zero_stage"] = stage  # meta.json: a resumed run keeps it (DeepSpeed loads a layout only into its own)
-        if stage != chosen:
+        if stage != zero_stage(cfg, n_params):
             w.say(f"resuming with DeepSpeed {stage_name(stage)}, as this run's checkpoint was written (the config "
-                  f"asks for {stage_name(chosen)}; a new checkpoint.name starts a run with it)")
-        engine, n_params = build_engine(cfg, plans[min(state.phase, len(plans) - 1)], w.world_size, stage,
-                                        universal=resume.tag != "ds")
+                  f"asks for {stage_name(zero_stage(cfg, n_params))}; a new checkpoint.name starts a run with it)")
         resume.load_into(engine, w.rank)
         if resume.dir is not None:
             plan = plans[min(state.phase, len(plans) - 1)]
@@ -206,9 +203,9 @@ def start_worker(cfg: Config, console: Any = None) -> Worker:
     return Worker(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), console)
 
 
-def build_engine(cfg: Config, plan: PhasePlan, world_size: int, stage: int, *,
-                 universal: bool) -> tuple[Any, int]:
-    """The DeepSpeed engine around a fresh model (weights come from the checkpoint when resuming)."""
+def build_engine(cfg: Config, plan: PhasePlan, world_size: int, resume: Resume) -> tuple[Any, int, int]:
+    """The DeepSpeed engine around a fresh model (weights come from the checkpoint when resuming), its parameter
+    count and its ZeRO stage (the config's for the model, or the checkpoint's: Resume.zero_stage)."""
     import deepspeed
     import deepspeed.ops
 
@@ -217,13 +214,14 @@ def build_engine(cfg: Config, plan: PhasePlan, world_size: int, stage: int, *,
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     model = PatchLM(build_model(cfg.model, seed=cfg.seed))
     n_params = num_params(model.hf)
+    stage = resume.zero_stage(zero_stage(cfg, n_params))
     grad_accum = grad_accum_steps(plan.blocks_per_step, plan.phase, world_size, cfg.optim.micro_batch_size)
     ds_config = deepspeed_config(cfg, grad_accum, world_size, n_params, stage)
-    if universal:
+    if resume.tag != TAG:
         ds_config["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
                                       config=ds_config)
-    return engine, n_params
+    return engine, n_params, stage
 
 
 def evaluation_sets(cfg: Config, manifest: dict[str, Any], world_size: int) -> dict[str, np.ndarray]:

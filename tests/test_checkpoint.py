@@ -8,7 +8,7 @@ import json
 import pyarrow.fs
 import pytest
 
-from raypatch.checkpoint import check_shards, clear_stale, to_universal
+from raypatch.checkpoint import check_shards, clear_stale, to_universal, written_stage
 
 
 def test_clear_stale_removes_a_directory_and_nothing_else(tmp_path):
@@ -39,6 +39,25 @@ def test_check_shards_names_a_mixed_or_incomplete_checkpoint(tmp_path, ranks, wo
     shards(tmp_path, ranks)
     with pytest.raises(ValueError, match=rf"{world} workers wrote it, but ds/ holds ZeRO shards of ranks"):
         check_shards(tmp_path, world)
+
+
+def test_without_zero_one_model_states_file_and_no_shards(tmp_path):
+    shards(tmp_path / "ok", [])
+    check_shards(tmp_path / "ok", 2, stage=0)  # any worker count: the one file holds everything
+    shards(tmp_path / "mixed", [0])
+    with pytest.raises(ValueError, match=r"written without ZeRO, but ds/ holds ZeRO shards of ranks \[0\]"):
+        check_shards(tmp_path / "mixed", 1, stage=0)
+    (tmp_path / "empty" / "ds").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"written without ZeRO, but ds/ holds no mp_rank_00_model_states.pt"):
+        check_shards(tmp_path / "empty", 1, stage=0)
+
+
+def test_zero_stage_in_meta_is_checked(tmp_path):
+    assert written_stage({}, tmp_path) == -1  # written before the stage was recorded
+    assert written_stage({"zero_stage": 0}, tmp_path) == 0
+    for bad in (4, "1", True, None):
+        with pytest.raises(ValueError, match=rf"checkpoint {tmp_path}: meta.json field zero_stage must be 0, 1, 2 "):
+            written_stage({"zero_stage": bad}, tmp_path)
 
 
 def test_failed_universal_conversion_says_which_checkpoint_and_why(tmp_path):
