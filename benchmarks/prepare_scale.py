@@ -10,7 +10,8 @@ document separator (EOS after each document), each method in its own process tre
 2. Hugging Face `datasets`: load_dataset("json") + `.map(batched=True, num_proc=2)` with the fast tokenizer, then
    `.to_parquet` (its Arrow cache in a temporary directory, so nothing is reused between runs).
 3. One plain process: read the file, `tokenizers` encode_batch with TOKENIZERS_PARALLELISM=false (one core),
-   write Parquet with pyarrow.
+   write Parquet with pyarrow. Then the same with encode_batch_fast (no character offsets), the call raypatch's
+   tokenizer actors make: the ratio against it shows what the parallel pipeline itself adds.
 
 Reported: wall-clock, tokens/s, the ratios raypatch ÷ datasets and raypatch ÷ one process, and peak resident
 memory (the sum over every process started during the run, sampled every 0.2 s, and the largest single process).
@@ -30,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import textwrap
@@ -60,14 +62,15 @@ PLAIN = textwrap.dedent('''
     import gzip, json, sys
     import pyarrow as pa, pyarrow.parquet as pq
     from tokenizers import Tokenizer
-    src, tok_dir, out = sys.argv[1:4]
+    src, tok_dir, out, how = sys.argv[1:5]
     tok = Tokenizer.from_file(tok_dir + "/tokenizer.json")
+    encode_batch = tok.encode_batch_fast if how == "fast" else tok.encode_batch
     eos = json.load(open(tok_dir + "/tokenizer_config.json")).get("eos_token")
     eos = tok.token_to_id(eos if isinstance(eos, str) else eos["content"])
     writer, total, batch = None, 0, []
     def flush(batch):
         global writer, total
-        ids = [e.ids + [eos] for e in tok.encode_batch(batch, add_special_tokens=False)]
+        ids = [e.ids + [eos] for e in encode_batch(batch, add_special_tokens=False)]
         total += sum(map(len, ids))
         table = pa.table({"input_ids": pa.array(ids, pa.list_(pa.int32()))})
         writer = writer or pq.ParquetWriter(out, table.schema)
@@ -105,7 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--corpus", default=str(C.CACHE / "debian-docs" / "corpus.jsonl.gz"))
     ap.add_argument("--tokenizer", default=str(C.CACHE / "shards-corpus-v1024" / "tokenizer"),
                     help="a fast HF tokenizer directory (default: the regime study's BPE of 1024)")
-    ap.add_argument("--repeats", type=int, default=2, help="raypatch runs (their shards must be byte-identical)")
+    ap.add_argument("--repeats", type=int, default=3, help="raypatch runs (their shards must be byte-identical)")
     ap.add_argument("--copies", type=int, default=1,
                     help="the corpus as this many input files (copies of it): every method reads them all")
     ap.add_argument("--out", default="", help="results name (default: prepare_scale, or prepare_scale_xN)")
@@ -173,17 +176,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs.append({"method": "HF datasets .map(batched, num_proc=2)", **m})
         load.mark("datasets")
         (tmp / "plain.py").write_text(PLAIN)
-        m = run([sys.executable, str(tmp / "plain.py"), src, str(tok), str(tmp / "plain.parquet")], env)
-        m.pop("output")
-        runs.append({"method": "one plain process (tokenizers, 1 thread)", **m})
-        load.mark("plain")
+        for how, label in [("batch", "one plain process (tokenizers encode_batch, 1 thread)"),
+                           ("fast", "one plain process (tokenizers encode_batch_fast, 1 thread)")]:
+            m = run([sys.executable, str(tmp / "plain.py"), src, str(tok), str(tmp / f"plain-{how}.parquet"), how],
+                    env)
+            m.pop("output")
+            runs.append({"method": label, **m})
+            load.mark(f"plain {how}")
         import pyarrow.parquet as pq
 
-        for r, path in zip(runs[-2:], [tmp / "datasets.parquet", tmp / "plain.parquet"]):
+        others = [tmp / "datasets.parquet", tmp / "plain-batch.parquet", tmp / "plain-fast.parquet"]
+        for r, path in zip(runs[-3:], others):
             r["tokens"] = len(pq.read_table(path).column(0).combine_chunks().flatten())
-        same_tokens = len({r["tokens"] for r in runs}) == 1
-        same_ids = first_ids(tmp / "raypatch-0") == first_ids(tmp / "datasets.parquet") == first_ids(
-            tmp / "plain.parquet")
+        same_ids = all(first_ids(tmp / "raypatch-0") == first_ids(p) for p in others)
         identical = all(r["hashes"] == runs[0]["hashes"] for r in runs[: args.repeats])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -192,23 +197,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     identical = identical and running.pop("same_shards")
     for r in runs:
         r["tokens_per_s"] = r["tokens"] / r["wall_s"]
-    best = max(r["tokens_per_s"] for r in runs[: args.repeats])
+    cold = sorted(r["tokens_per_s"] for r in runs[: args.repeats])
+    best, median = cold[-1], statistics.median(cold)
+    hf, plain, fast = (r["tokens_per_s"] for r in runs[-3:])
     result = {"machine": C.machine(), "load": load.summary(), "corpus": str(corpus), "tokenizer": str(tok),
               "runs": [{k: v for k, v in r.items() if k != "hashes"} for r in runs],
               "same_token_count": same_tokens, "same_first_rows": same_ids, "raypatch_shards_identical": identical,
-              "raypatch_vs_datasets": best / runs[-2]["tokens_per_s"],
-              "raypatch_vs_one_process": best / runs[-1]["tokens_per_s"],
-              "running_cluster_vs_datasets": running["tokens_per_s"] / runs[-2]["tokens_per_s"],
-              "running_cluster_vs_one_process": running["tokens_per_s"] / runs[-1]["tokens_per_s"],
+              "raypatch_vs_datasets": best / hf, "raypatch_vs_one_process": best / plain,
+              "raypatch_vs_one_process_fast": best / fast,
+              "median_raypatch_vs_datasets": median / hf, "median_raypatch_vs_one_process": median / plain,
+              "median_raypatch_vs_one_process_fast": median / fast,
+              "running_cluster_vs_datasets": running["tokens_per_s"] / hf,
+              "running_cluster_vs_one_process": running["tokens_per_s"] / plain,
+              "running_cluster_vs_one_process_fast": running["tokens_per_s"] / fast,
               "copies": args.copies,
               "wall_s": sum(r["wall_s"] for r in runs)}
     rows = [[r["method"], f"{r['tokens']:,}", f"{r['wall_s']:.1f}", f"{r['tokens_per_s'] / 1e6:.3f}",
              f"{r['peak_tree_gb']:.2f}", f"{r['peak_process_gb']:.2f}"] for r in runs]
     tables = (f"Corpus {corpus.name}" + (f" as {args.copies} input files" if args.copies > 1 else "") +
               f", tokenizer {tok}. raypatch ÷ datasets {result['raypatch_vs_datasets']:.2f}, "
-              f"raypatch ÷ one process {result['raypatch_vs_one_process']:.2f} (best `raypatch prepare` run, "
-              f"Ray's start and stop included); on a running cluster "
-              f"{result['running_cluster_vs_datasets']:.2f} and {result['running_cluster_vs_one_process']:.2f}. "
+              f"raypatch ÷ one process {result['raypatch_vs_one_process']:.2f} (encode_batch) and "
+              f"{result['raypatch_vs_one_process_fast']:.2f} (encode_batch_fast) (best `raypatch prepare` run, "
+              f"Ray's start and stop included); median of the {args.repeats} runs "
+              f"{result['median_raypatch_vs_datasets']:.2f}, {result['median_raypatch_vs_one_process']:.2f} and "
+              f"{result['median_raypatch_vs_one_process_fast']:.2f}; on a running cluster "
+              f"{result['running_cluster_vs_datasets']:.2f}, "
+              f"{result['running_cluster_vs_one_process']:.2f} and "
+              f"{result['running_cluster_vs_one_process_fast']:.2f}. "
               f"Same token count: {same_tokens}; same first rows: {same_ids}; raypatch shards byte-identical across "
               f"runs: {identical}."
               "\n\n" + C.md_table(["method", "tokens", "wall s", "M tokens/s", "peak RSS, all processes (GB)",

@@ -209,3 +209,29 @@ def test_separator_is_what_the_tokenizer_does(style, corpus, tokenizer_dir, tmp_
     # Another separator is another tokenizer identity (shards made with one are refused for the other).
     assert len({tokenizer_info(styled_tokenizer(tokenizer_dir, tmp_path / f"x{s}", s))["fingerprint"]
                 for s in ("bos", "eos", "both")}) == 3
+
+
+def test_batched_encoding_matches_one_document_at_a_time(corpus, tokenizer_dir, monkeypatch):
+    """The tokenizer actors encode batches without offsets (encode_batch_fast), cut into calls of at most
+    PIECE_CHARS characters: the ids must be exactly those of encoding each document alone, at every cut."""
+    import raypatch.prepare as P
+
+    tok = P._Tokenize(tokenizer_dir, {"bos": None, "eos": 0})
+    docs = [json.loads(line)["text"] for line in gzip.open(corpus, "rt")][:40]
+    alone = [tok.backend.encode(d, add_special_tokens=False).ids for d in docs]
+    calls = []
+    real = tok.backend
+
+    class Counting:  # counts the texts per call to the real tokenizer
+        def encode_batch_fast(self, texts, **kw):
+            calls.append(sum(map(len, texts)) if len(texts) > 1 else 0)
+            return real.encode_batch_fast(texts, **kw)
+
+    tok.backend = Counting()
+    limit = sorted(map(len, docs))[len(docs) // 2] * 3  # a few documents per call, some alone
+    monkeypatch.setattr(P, "PIECE_CHARS", limit)
+    assert list(tok.encode(docs)) == alone
+    assert len(calls) > 3 and max(calls) <= limit  # cut into calls, none over the bound
+    monkeypatch.undo()
+    tok.backend = real
+    assert list(tok.encode(docs)) == alone and list(tok.encode([])) == []
