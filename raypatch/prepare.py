@@ -272,9 +272,10 @@ class _Tokenize:
 
     def encode(self, texts: list[str]) -> Iterator[list[int]]:
         """The ids of each text, as `encode` gives them. `encode_batch_fast` skips the character offsets
-        that `encode` and `encode_batch` compute per token (nobody here reads them): 1.4x the tokens/s per core
-        (benchmarks/prepare_scale.md). One call gets at most PIECE_CHARS characters (or one longer text), so the
-        encodings held at once stay about one piece's worth whatever the batch size."""
+        that `encode` and `encode_batch` compute per token (nobody here reads them): 1.56-1.61x the tokens/s per
+        core (the two plain-process rows of benchmarks/results/prepare_scale*.md). One call gets at most
+        PIECE_CHARS characters (or one longer text), so the encodings held at once stay about one piece's worth
+        whatever the batch size."""
         i = 0
         while i < len(texts):
             j, chars = i + 1, len(texts[i])
@@ -532,8 +533,9 @@ def _tokenize_into(out: Path, files: list[str], tokenizer: str, tok: dict[str, A
     # A corpus of one file gives the actor pool one input block at first; Ray Data warns about that each run.
     warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
     # Blocks of a few MiB: one file's documents must spread over every tokenizer actor, not arrive as one block,
-    # yet each block and batch costs the driver and the actors a fixed overhead. 4 MiB blocks and batches of 128
-    # documents ran 1.15x faster than 1 MiB and 32 on the 54 M-token benchmark corpus (2 cores, running cluster).
+    # yet each block and batch costs the driver and the actors a fixed overhead, so blocks of 4 MiB and batches of
+    # 128 documents rather than 1 MiB and 32 (an ad-hoc profile found them faster; prepare_scale.py measures the
+    # whole change, not this part alone).
     ctx.target_max_block_size = min(ctx.target_max_block_size or 1 << 30, BLOCK_BYTES)
     # One tokenizer actor per core: tokenizing is nearly all the work, reading (decompress, JSON) a small part of
     # it. Each actor asks for 0.9 CPU so that the reading tasks (0.1) always fit beside them (actors holding
