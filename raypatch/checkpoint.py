@@ -34,13 +34,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from raypatch import storage
 from raypatch.safety import (
     InputError,
     building,
     check_not_overlapping,
     check_replaceable,
     files_under,
-    one_line,
     replace_dir,
     restricted_torch_load,
     unpickle_error,
@@ -189,8 +189,8 @@ def save_and_report(engine: Any, *, rank: int, meta: dict[str, Any], metrics: di
     d = save_local(engine, rank=rank, meta=meta)
     try:
         if rank == 0:  # an unregistered upload of an earlier attempt may hold this name (module docstring)
-            storage = ray.train.get_context().get_storage()
-            if clear_stale(storage.storage_filesystem, storage.build_checkpoint_path_from_name(name)):
+            ctx = ray.train.get_context().get_storage()
+            if clear_stale(ctx.storage_filesystem, ctx.build_checkpoint_path_from_name(name)):
                 say(f"removed {name} left unregistered by an earlier attempt; saving it anew")
         dist.barrier()  # nobody uploads before the stale directory is gone
         ray.train.report({**metrics, "checkpoint": name}, checkpoint=ray.train.Checkpoint.from_directory(str(d)),
@@ -272,25 +272,16 @@ def checkpoint_to_resume(identity: dict[str, Any], world_size: int, say: Callabl
 def local_copy(ckpt: str) -> Iterator[str]:
     """`ckpt` itself when local; a checkpoint at a URI (s3://bucket/run/checkpoint-N?endpoint_override=...)
     downloaded to a temporary directory that is removed on exit."""
-    if "://" not in ckpt:
+    if not storage.is_uri(ckpt):
         yield ckpt
         return
-    import pyarrow.fs
-
-    try:
-        fs, path = pyarrow.fs.FileSystem.from_uri(ckpt)
-        found = fs.get_file_info(path).type == pyarrow.fs.FileType.Directory
-    except (OSError, ValueError) as e:
-        raise InputError(f"--checkpoint {ckpt}: cannot be read ({one_line(str(e))})") from None
-    if not found:
-        raise InputError(f"--checkpoint {ckpt}: no such checkpoint directory")
+    files = storage.list_files(ckpt)
+    if META not in files:
+        raise InputError(f"--checkpoint {storage.display(ckpt)}: no such checkpoint (no {META} under it)")
     local = Path(tempfile.mkdtemp(prefix="raypatch-download-"))
     try:
-        try:
-            pyarrow.fs.copy_files(path, str(local / "ckpt"), source_filesystem=fs,
-                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
-        except OSError as e:
-            raise InputError(f"--checkpoint {ckpt}: cannot be read ({one_line(str(e))})") from None
+        for name in files:
+            storage.download(storage.join(ckpt, name), local / "ckpt" / name)
         yield str(local / "ckpt")
     finally:
         shutil.rmtree(local, ignore_errors=True)
@@ -476,6 +467,10 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str |
     model.config.use_cache = True
     with building(out_dir) as tmp:
         tok_dir = tokenizer_dir or meta.get("tokenizer_dir")
+        if tok_dir and storage.is_uri(tok_dir):  # the shards' tokenizer on a store: a checked local copy
+            from raypatch.shards import fetch_tokenizer
+
+            tok_dir = fetch_tokenizer(tok_dir, meta.get("tokenizer_fingerprint"))
         if tok_dir and Path(tok_dir).is_dir():
             from transformers import AutoTokenizer
 

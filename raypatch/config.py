@@ -104,7 +104,7 @@ class PatchConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     shards: str = ""
-    """Directory holding manifest.json and the Parquet token shards made by `raypatch prepare`."""
+    """Shard set made by `raypatch prepare`: a directory, or a URI (s3://bucket/prefix?endpoint_override=...)."""
     seq_len: int = 2048
     """T: model positions per row, the same in both phases."""
     max_tokens: int = 0
@@ -119,9 +119,15 @@ class DataConfig:
     """Micro-batches each worker's Ray Data iterator keeps ready ahead of the step."""
     record_blocks: bool = False
     """Append every trained block index to <run>/blocks-rank<r>.jsonl (audits and tests)."""
+    cache_dir: str = ""
+    """Local directory caching the shards of a set on a store (per node, keyed by the set's id); "" = off."""
+    cache_gb: float = 50.0
+    """Most GiB data.cache_dir may hold; the least recently used shards go first."""
 
     def __post_init__(self) -> None:
-        _positive(self, "data", "seq_len", "read_cpus", "epochs")
+        _positive(self, "data", "seq_len", "read_cpus", "epochs", "cache_gb")
+        if "://" in self.cache_dir:
+            _fail("data.cache_dir", f"must be a local directory, got {self.cache_dir}")
         if self.max_tokens < 0:
             _fail("data.max_tokens", f"must be >= 0, got {self.max_tokens}")
         if self.patch_tokens < 0 or (self.patch_tokens and not self.max_tokens):

@@ -28,21 +28,29 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raypatch import storage
 from raypatch.safety import InputError
-from raypatch.shards import check_shard_footer, load_manifest, tokens_hash
+from raypatch.shards import check_shard_footer, load_manifest, shards_id, tokens_hash
 
 
 class TokenStream:
-    """One split of a shard set as a single concatenated token stream, readable at any [start, end)."""
+    """One split of a shard set as a single concatenated token stream, readable at any [start, end).
+
+    The set may live on local disk or at a URI (storage.py): a shard is opened once (its footer read and
+    checked), then each row group is one range read, checked against the manifest's hash. With `cache_dir`,
+    shards of a set on a store are first copied to that local cache (keyed by the set's content id, at most
+    `cache_bytes` in all) and read from there: repeated epochs and Tune trials then read the store once.
+    """
 
     def __init__(self, shards_dir: str, split: str = "train", *, verify: str = "size",
-                 manifest: dict[str, Any] | None = None) -> None:
-        self.dir = Path(shards_dir)
+                 manifest: dict[str, Any] | None = None, cache_dir: str = "", cache_bytes: int = 0) -> None:
+        self.dir = str(shards_dir)
         self.split = split
         self.manifest = manifest if manifest is not None else load_manifest(shards_dir, verify=verify)
         if split not in self.manifest["splits"]:
-            raise InputError(f"shards {shards_dir}: no split {split!r}")
+            raise InputError(f"shards {storage.display(shards_dir)}: no split {split!r}")
         self.shards = self.manifest["splits"][split]["shards"]
+        self.cache = (cache_dir, cache_bytes) if cache_dir and storage.is_uri(shards_dir) else None
         self.starts: list[int] = []  # global token offset of each shard
         self.rg_starts: list[list[int]] = []  # shard-relative offset of each row group
         pos = 0
@@ -57,11 +65,18 @@ class TokenStream:
         self._files: dict[int, pq.ParquetFile] = {}
         self._cache: dict[tuple[int, int], np.ndarray] = {}
 
+    def _path(self, i: int) -> str:
+        return storage.join(self.dir, self.shards[i]["file"])
+
     def _file(self, i: int) -> pq.ParquetFile:
         if i not in self._files:
-            path = self.dir / self.shards[i]["file"]
-            check_shard_footer(path, self.shards[i])
-            self._files[i] = pq.ParquetFile(path)
+            path: str | Path = self._path(i)
+            if self.cache is not None:
+                s = self.shards[i]
+                local = storage.cached(path, self.cache[0], shards_id(self.manifest)[:32], size=s["bytes"],
+                                       sha=s["sha256"], max_bytes=self.cache[1])
+                path = local if local is not None else path
+            self._files[i] = check_shard_footer(path, self.shards[i])
         return self._files[i]
 
     def _row_group(self, i: int, g: int) -> np.ndarray:
@@ -70,12 +85,19 @@ class TokenStream:
         if key in self._cache:
             return self._cache[key]
         s = self.shards[i]
-        path = self.dir / s["file"]
+        path = storage.display(self._path(i))
+
+        def read() -> Any:
+            return self._file(i).read_row_group(g, columns=["input_ids"]).column(0)
+
         try:
-            col = self._file(i).read_row_group(g, columns=["input_ids"]).column(0)
+            # A broken connection mid-read is retried on a freshly opened file (its footer read again).
+            col = storage.retrying(self._path(i), f"read row group {g} of", read, own_errors=True,
+                                   on_retry=lambda: self._files.pop(i, None))
             flat = pa.concat_arrays([c.flatten() for c in col.chunks]) if col.num_chunks else pa.array([], pa.int32())
             vals = flat.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
         except (OSError, pa.ArrowException) as e:
+            self._files.pop(i, None)
             raise InputError(f"shard {path}: row group {g} cannot be decoded ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}); the file is damaged, rerun "
                              f"`raypatch prepare`") from None
@@ -231,21 +253,22 @@ def iter_blocks(stream: TokenStream, plan: PhasePlan, rank: int = 0, world_size:
 
 # --- the Ray Data pipeline ---------------------------------------------------------------------------
 
-_STREAMS: dict[tuple[str, str], TokenStream] = {}
+_STREAMS: dict[tuple[str, str, str, int], TokenStream] = {}
 
 
-def _stream(shards_dir: str, split: str) -> TokenStream:
+def _stream(shards_dir: str, split: str, cache_dir: str = "", cache_bytes: int = 0) -> TokenStream:
     # One open stream per Ray worker process: the manifest is read once, Parquet handles are reused.
-    key = (shards_dir, split)
+    key = (shards_dir, split, cache_dir, cache_bytes)
     if key not in _STREAMS:
-        _STREAMS[key] = TokenStream(shards_dir, split)
+        _STREAMS[key] = TokenStream(shards_dir, split, cache_dir=cache_dir, cache_bytes=cache_bytes)
     return _STREAMS[key]
 
 
 def _read_blocks(batch: dict[str, np.ndarray], *, shards_dir: str, split: str, plan: dict[str, Any], rank: int,
-                 world_size: int, start_block: int, end_block: int | None) -> dict[str, np.ndarray]:
+                 world_size: int, start_block: int, end_block: int | None, cache_dir: str = "",
+                 cache_bytes: int = 0) -> dict[str, np.ndarray]:
     p = PhasePlan(**plan)
-    stream = _stream(shards_dir, split)
+    stream = _stream(shards_dir, split, cache_dir, cache_bytes)
     blocks, rows = [], []
     for a, b in zip(batch["a"], batch["b"]):
         hi = int(b) if end_block is None else min(int(b), end_block)
@@ -260,11 +283,13 @@ def _read_blocks(batch: dict[str, np.ndarray], *, shards_dir: str, split: str, p
 
 def worker_dataset(plan: PhasePlan, shards_dir: str, rank: int, world_size: int, start_block: int = 0,
                    end_block: int | None = None, *, split: str = "train", read_cpus: float = 0.25,
-                   tokens_per_task: int = 1 << 21) -> Any:
+                   tokens_per_task: int = 1 << 21, cache_dir: str = "", cache_bytes: int = 0) -> Any:
     """An ordered Ray Dataset of exactly worker `rank`'s blocks of `plan` from `start_block`.
 
     Rows: {'block': int64, 'input_ids': (block_tokens,) int32}. Each read task covers whole optimizer steps
-    (about tokens_per_task tokens of this worker's share) and reads only the row groups it needs.
+    (about tokens_per_task tokens of this worker's share) and reads only the row groups it needs, from local
+    disk or with range reads from a store; Ray Data runs the read tasks ahead of the step (the iterator's
+    prefetch), which hides a store's first-byte latency behind training.
     """
     import ray
 
@@ -285,7 +310,8 @@ def worker_dataset(plan: PhasePlan, shards_dir: str, rank: int, world_size: int,
     return ds.map_batches(
         _read_blocks, batch_size=1, batch_format="numpy", num_cpus=read_cpus,
         fn_kwargs={"shards_dir": str(shards_dir), "split": split, "plan": plan.to_dict(), "rank": rank,
-                   "world_size": world_size, "start_block": start_block, "end_block": end})
+                   "world_size": world_size, "start_block": start_block, "end_block": end, "cache_dir": cache_dir,
+                   "cache_bytes": cache_bytes})
 
 
 def val_rows(stream: TokenStream, seq_len: int, max_rows: int) -> np.ndarray:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from raypatch import storage
 from raypatch.checkpoint import TrainState, check_checkpoint, check_compatible, export_hf, find_latest
 from raypatch.config import Config, replace
 from raypatch.console import relay, say
@@ -141,7 +142,7 @@ def finished_summary(cfg: Config) -> dict[str, Any] | None:
     run_dir = run_dir_of(cfg)
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
-        latest = None if is_uri(cfg.checkpoint.storage_path) else find_latest(run_dir)
+        latest = None if storage.is_uri(cfg.checkpoint.storage_path) else find_latest(run_dir)
         if not summary.get("final") or latest is None or config_diff(summary.get("config") or {}, cfg.to_dict()):
             return None
         step = json.loads((latest / "meta.json").read_text())["state"]["global_step"]
@@ -168,48 +169,9 @@ def outputs(runs: list[tuple[str, Config]], results: list[tuple[str, dict[str, A
     return "\n".join(lines)
 
 
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def storage_join(base: str, *parts: str) -> str:
-    """A path under a storage path: a local directory, or a URI whose query (S3 endpoint options) stays last."""
-    if not is_uri(base):
-        return str(Path(base, *parts))
-    head, sep, query = base.partition("?")
-    return "/".join([head.rstrip("/"), *parts]) + sep + query
-
-
-def write_storage_text(path: str, text: str) -> None:
-    """Write a small file at a local path or a URI (pyarrow's filesystems: s3://, gs://, ...)."""
-    if not is_uri(path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
-        return
-    import pyarrow.fs
-
-    fs, p = pyarrow.fs.FileSystem.from_uri(path)
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(text.encode())
-
-
-def read_storage_text(path: str) -> str | None:
-    """The text of a small file at a local path or a URI; None when it does not exist."""
-    if not is_uri(path):
-        return Path(path).read_text() if Path(path).exists() else None
-    import pyarrow.fs
-
-    fs, p = pyarrow.fs.FileSystem.from_uri(path)
-    if fs.get_file_info(p).type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(p) as f:
-        return f.read().decode()
-
-
 def local_root(cfg: Config) -> Path:
     """Where a run's local files go: the storage directory, or ~/raypatch-runs when storage is a URI."""
-    if is_uri(cfg.checkpoint.storage_path):
+    if storage.is_uri(cfg.checkpoint.storage_path):
         return Path("~/raypatch-runs").expanduser()
     return Path(cfg.checkpoint.storage_path).expanduser().resolve()
 
@@ -217,7 +179,7 @@ def local_root(cfg: Config) -> Path:
 def storage_uri(cfg: Config) -> str:
     """Where Ray Train keeps checkpoints: a local directory, or a URI such as s3://bucket/prefix."""
     p = cfg.checkpoint.storage_path
-    return p if is_uri(p) else str(Path(p).expanduser().resolve())
+    return p if storage.is_uri(p) else str(Path(p).expanduser().resolve())
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -243,7 +205,7 @@ def preflight(cfg: Config) -> list[PhasePlan]:
     plans = plan_from_config(cfg, manifest["splits"]["train"]["tokens"])
     for p in plans:
         grad_accum_steps(p.blocks_per_step, p.phase, cfg.scale.num_workers, cfg.optim.micro_batch_size)
-    if cfg.eval.wikitext and not Path(cfg.eval.wikitext).is_file():
+    if cfg.eval.wikitext and not storage.is_file(cfg.eval.wikitext):
         raise InputError(f"config field 'eval.wikitext': {cfg.eval.wikitext} is not a file")
     check_storage(cfg)
     latest = find_latest(run_dir_of(cfg))
@@ -263,11 +225,13 @@ def preflight(cfg: Config) -> list[PhasePlan]:
 
 def check_storage(cfg: Config) -> None:
     """A local storage path must be a writable directory, and the run directory may not be, hold or lie
-    inside the shard set or the evaluation file (a run writes metrics, checkpoints and exports there)."""
-    if is_uri(cfg.checkpoint.storage_path):
+    inside the shard set or the evaluation file (a run writes metrics, checkpoints and exports there). On a
+    store, one look-up of the run's prefix finds a missing bucket or denied access before any worker starts."""
+    if storage.is_uri(cfg.checkpoint.storage_path):
+        storage.info(storage.join(cfg.checkpoint.storage_path, cfg.checkpoint.name))
         return
-    storage = Path(cfg.checkpoint.storage_path).expanduser()
-    for p in (storage, *storage.parents):
+    root = Path(cfg.checkpoint.storage_path).expanduser()
+    for p in (root, *root.parents):
         if p.exists():
             if not p.is_dir():
                 raise InputError(f"config field 'checkpoint.storage_path': {p} is a file, not a directory")

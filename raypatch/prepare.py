@@ -14,6 +14,7 @@ packer can read any token range of the stream by row group without scanning whol
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -22,6 +23,8 @@ import json
 import os
 import re
 import shutil
+import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,16 +35,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raypatch import storage
 from raypatch.safety import (
     InputError,
     building,
     check_not_overlapping,
     check_replaceable,
-    files_under,
     find_input_error,
     replace_dir,
 )
-from raypatch.shards import FORMAT, MANIFEST, file_sha256, manifest_checksum, shard_set_files, shards_id, tokens_hash
+from raypatch.shards import (
+    FORMAT,
+    MANIFEST,
+    OWN_NAMES,
+    file_sha256,
+    manifest_checksum,
+    shard_set_files,
+    shards_id,
+    tokens_hash,
+)
 
 SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 EOS = "<|endoftext|>"
@@ -60,23 +72,37 @@ TOKENIZER_FILES = re.compile(r"tokenizer[^/]*|special_tokens_map\.json|added_tok
 
 
 def _kind(path: str) -> str:
-    name = path[:-3] if path.endswith(".gz") else path
+    head = storage.split(path)[0]
+    name = head[:-3] if head.endswith(".gz") else head
     for s in SUFFIXES:
         if name.endswith(s):
             return ".jsonl" if s == ".json" else s
-    raise InputError(f"input {path}: unsupported file type (expected {', '.join(SUFFIXES)}, optionally .gz)")
+    raise InputError(f"input {storage.display(path)}: unsupported file type (expected {', '.join(SUFFIXES)}, "
+                     f"optionally .gz)")
 
 
 def resolve_inputs(patterns: list[str]) -> list[str]:
-    """Expand paths and globs into a sorted, de-duplicated list of readable files."""
+    """Expand paths and globs (local, or URIs such as s3://bucket/raw/*.jsonl.gz) into a sorted,
+    de-duplicated list of readable files."""
     if not patterns:
         raise InputError("no input files given")
     files: list[str] = []
     for pat in patterns:
-        matches = sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat]
+        uri = storage.is_uri(pat)
+        matches = storage.glob(pat) if glob.has_magic(storage.split(pat)[0]) else [pat]
         if not matches:
-            raise InputError(f"input {pat}: the pattern matches no file")
+            raise InputError(f"input {storage.display(pat)}: the pattern matches no file")
         for m in matches:
+            if uri:
+                fi = storage.info(m)
+                if fi is None:
+                    raise InputError(f"input {storage.display(m)}: no such object"
+                                     + (" (a prefix: give a glob such as .../*.jsonl)" if storage.is_dir(m) else ""))
+                if fi.type.name != "File":
+                    raise InputError(f"input {storage.display(m)}: not a file (give a glob such as .../*.jsonl)")
+                _kind(m)
+                files.append(m)
+                continue
             p = Path(m)
             if p.is_dir():
                 raise InputError(f"input {m}: is a directory (give files or a glob such as {m}/*.jsonl)")
@@ -92,14 +118,23 @@ def resolve_inputs(patterns: list[str]) -> list[str]:
     return sorted(dict.fromkeys(files))
 
 
+def _open_binary(path: str) -> Any:
+    if not storage.is_uri(path):
+        return open(path, "rb")
+    return storage.open_stream(path)
+
+
 def _open_text(path: str) -> io.TextIOBase:
-    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    raw = _open_binary(path)
+    if storage.split(path)[0].endswith(".gz"):
+        raw = gzip.GzipFile(fileobj=raw, mode="rb")
     return io.TextIOWrapper(raw, encoding="utf-8", newline="")
 
 
 def iter_documents(path: str, text_field: str = "text") -> Iterator[str]:
     """Yield the documents of one input file; errors name the file and line."""
     kind = _kind(path)
+    where = storage.display(path)
     try:
         if kind == ".txt":
             with _open_text(path) as f:
@@ -112,27 +147,51 @@ def iter_documents(path: str, text_field: str = "text") -> Iterator[str]:
                     try:
                         obj = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                        raise InputError(f"{where}:{lineno}: invalid JSON ({e.msg})") from None
                     if not isinstance(obj, dict) or text_field not in obj:
-                        raise InputError(f"{path}:{lineno}: no '{text_field}' field in this JSON line")
+                        raise InputError(f"{where}:{lineno}: no '{text_field}' field in this JSON line")
                     if not isinstance(obj[text_field], str):
-                        raise InputError(f"{path}:{lineno}: field '{text_field}' is "
+                        raise InputError(f"{where}:{lineno}: field '{text_field}' is "
                                          f"{type(obj[text_field]).__name__}, expected a string")
                     yield obj[text_field]
         else:
-            source = gzip.open(path, "rb") if path.endswith(".gz") else path
+            if storage.split(path)[0].endswith(".gz"):  # gzip has no random access: decompress it whole
+                with _open_binary(path) as f:
+                    source: Any = pa.BufferReader(gzip.decompress(f.read()))
+            else:
+                source = storage.open_input(path) if storage.is_uri(path) else path
             pf = pq.ParquetFile(source)
             if text_field not in pf.schema_arrow.names:
-                raise InputError(f"{path}: no column '{text_field}' (columns: {', '.join(pf.schema_arrow.names)})")
+                raise InputError(f"{where}: no column '{text_field}' (columns: {', '.join(pf.schema_arrow.names)})")
             if not pa.types.is_string(pf.schema_arrow.field(text_field).type) and not pa.types.is_large_string(
                     pf.schema_arrow.field(text_field).type):
-                raise InputError(f"{path}: column '{text_field}' has type "
+                raise InputError(f"{where}: column '{text_field}' has type "
                                  f"{pf.schema_arrow.field(text_field).type}, expected string")
             for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
                 for t in batch.column(0).to_pylist():
                     yield t or ""
     except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, pa.ArrowInvalid) as e:
-        raise InputError(f"{path}: cannot be decoded ({type(e).__name__}: {e})") from None
+        raise InputError(f"{storage.display(path)}: cannot be decoded ({type(e).__name__}: {e})") from None
+
+
+def documents(path: str, text_field: str = "text") -> Iterator[str]:
+    """iter_documents, resumed after a transient storage failure mid-file (a reset connection on a long GET):
+    the file is reopened and the documents already given are skipped, with backoff and one line
+    (storage.Backoff), so a flaky store neither loses nor repeats a document."""
+    given = 0
+    backoff = storage.Backoff(path, "read")
+    while True:
+        it = iter_documents(path, text_field)
+        try:
+            for _ in range(given):
+                next(it)
+            for doc in it:
+                given += 1
+                backoff.succeeded()
+                yield doc
+            return
+        except OSError as e:
+            backoff.failed(e)
 
 
 # --- tokenizers ------------------------------------------------------------------------------------
@@ -334,7 +393,7 @@ def _read_file(row: dict[str, Any], text_field: str) -> Iterator[dict[str, Any]]
     # Errors travel as data: an exception here would make Ray Data print the task's traceback before the
     # driver could turn it into the one-line message. The driver raises the first error row it meets.
     try:
-        for i, text in enumerate(iter_documents(row["path"], text_field)):
+        for i, text in enumerate(documents(row["path"], text_field)):
             if not text:  # an empty document would add only a separator
                 continue
             pieces = split_long(text) if len(text) > PIECE_CHARS else iter([text])
@@ -363,8 +422,9 @@ class ShardWriter:
 
     SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32()))])
 
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int, row_group_tokens: int) -> None:
-        self.out_dir, self.split = out_dir, split
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, row_group_tokens: int,
+                 on_shard: Callable[[Path], None] | None = None) -> None:
+        self.out_dir, self.split, self.on_shard = out_dir, split, on_shard
         self.shard_tokens, self.row_group_tokens = shard_tokens, row_group_tokens
         self.shards: list[dict[str, Any]] = []
         self._pending: list[np.ndarray] = []
@@ -410,6 +470,8 @@ class ShardWriter:
         self._cur["bytes"] = (self.out_dir / name).stat().st_size
         self._cur["sha256"] = file_sha256(self.out_dir / name)
         self.shards.append(self._cur)
+        if self.on_shard is not None:  # publish it (an upload to a store) while the next one is written
+            self.on_shard(self.out_dir / name)
 
     def abort(self) -> None:
         if self._writer is not None:
@@ -472,17 +534,20 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, *, text_field: str 
             shuffle_seed: int | None = None, start: Callable[[], None] | None = None) -> dict[str, Any]:
     """Tokenize `inputs` into Parquet shards under `out_dir` and write its manifest.json.
 
-    Every `val_every`-th document (0 = none) goes to the held-out `val` split, the rest to `train`, chosen by
-    input position. With `shuffle_seed`, the train documents are written in a seeded random order
+    Inputs and `out_dir` may be local paths or URIs (s3://bucket/prefix?endpoint_override=..., storage.py), in
+    any mix. Every `val_every`-th document (0 = none) goes to the held-out `val` split, the rest to `train`,
+    chosen by input position. With `shuffle_seed`, the train documents are written in a seeded random order
     (`DocShuffler`): raypatch streams shards in order, so a corpus sorted by source or topic would otherwise
     give the patch phase and the token phase different kinds of text. Needs a running Ray cluster, or `start`,
     which is called once the arguments are checked, while the tokenizer loads (`cluster.init_ray`: bad input is
     refused before a cluster starts, and transformers' import overlaps Ray's start).
 
-    The set is built in a temporary sibling of `out_dir` and renamed into place when complete: a failure
-    leaves `out_dir` as it was. An existing `out_dir` is replaced only with `overwrite`, and only when it
-    holds nothing but a shard set raypatch wrote; an `out_dir` that is, holds or lies inside an input file or
-    the tokenizer is refused.
+    Local `out_dir`: the set is built in a temporary sibling and renamed into place when complete, so a failure
+    leaves `out_dir` as it was. On a store (no rename there) the manifest is what makes a set: StorePublisher
+    writes a marker, removes an old manifest first, uploads each shard as it is finished and the manifest last,
+    so a reader never sees a half-written set. Either way an existing set is replaced only with `overwrite`, and
+    only when it holds nothing but what raypatch wrote; an `out_dir` that is, holds or lies inside an input file
+    or the tokenizer is refused.
     """
     import ray
     from tqdm import tqdm
@@ -492,40 +557,132 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, *, text_field: str 
                          f"{shard_tokens})")
     files = resolve_inputs(inputs)
     check_not_overlapping(out_dir, [("tokenizer", tokenizer), *(("input", f) for f in files)], "--out")
-    check_replaceable(out_dir, overwrite=overwrite, owned=shard_set_files, what="a shard set")
+    remote = storage.is_uri(out_dir)
+    publisher = StorePublisher(out_dir, overwrite) if remote else None
+    if publisher is None:
+        check_replaceable(out_dir, overwrite=overwrite, owned=shard_set_files, what="a shard set")
     check_tokenizer_dir(tokenizer)
     with ThreadPoolExecutor(1) as pool:
         loading = pool.submit(tokenizer_info, tokenizer)
         if start is not None:
             start()
         tok = loading.result()
-    sources = [{"path": f, "bytes": os.path.getsize(f), "sha256": file_sha256(f)} for f in files]
-    with building(out_dir) as out:
+    sources = [{"path": f, "bytes": storage.info(f).size, "sha256": file_sha256(f)} for f in files]
+    staging = tempfile.TemporaryDirectory(prefix="raypatch-prepare-") if remote else contextlib.nullcontext()
+    with staging as stage_dir, building(Path(stage_dir) / "set" if remote else out_dir) as out, \
+            (publisher or contextlib.nullcontext()):
+        if publisher is not None:
+            publisher.begin()
         # A copy of the tokenizer travels with the shards, so a shard set is self-contained on any node.
         (out / "tokenizer").mkdir()
-        for f in sorted(Path(tokenizer).iterdir()):
-            if f.is_file() and TOKENIZER_FILES.fullmatch(f.name):
-                shutil.copyfile(f, out / "tokenizer" / f.name)
+        tok_files = [f"tokenizer/{f.name}" for f in sorted(Path(tokenizer).iterdir())
+                     if f.is_file() and TOKENIZER_FILES.fullmatch(f.name)]
+        for name in tok_files:
+            shutil.copyfile(Path(tokenizer) / Path(name).name, out / name)
+            if publisher is not None:
+                publisher.publish(out / name, name, keep=True)
         tok["dir"] = "tokenizer"
         splits, n_docs = _tokenize_into(out, files, tokenizer, tok, text_field=text_field, val_every=val_every,
                                         shard_tokens=shard_tokens, row_group_tokens=row_group_tokens,
                                         batch_size=batch_size, num_tokenizers=num_tokenizers, progress=progress,
-                                        shuffle_seed=shuffle_seed, ray=ray, tqdm=tqdm)
+                                        shuffle_seed=shuffle_seed, ray=ray, tqdm=tqdm,
+                                        on_shard=None if publisher is None else publisher.publish)
         if splits["train"]["tokens"] == 0:
-            raise InputError(f"input {', '.join(inputs)}: the corpus is empty (no non-empty documents)")
+            raise InputError(f"input {', '.join(map(storage.display, inputs))}: the corpus is empty (no non-empty "
+                             f"documents)")
         manifest = {"format": FORMAT, "tokenizer": tok, "text_field": text_field, "val_every": val_every,
                     "shuffle_seed": shuffle_seed, "documents": n_docs, "sources": sources, "splits": splits}
-        manifest["files"] = [*files_under(out), MANIFEST]
+        shard_files = [s["file"] for v in splits.values() for s in v["shards"]]
+        manifest["files"] = [*sorted(tok_files + shard_files), MANIFEST]
         manifest["shards_id"] = shards_id(manifest)
         manifest["checksum"] = manifest_checksum(manifest)
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    replace_dir(out, out_dir)
+        text = json.dumps(manifest, indent=1)
+        if publisher is not None:
+            publisher.finish(manifest["files"], text)
+        else:
+            (out / MANIFEST).write_text(text)
+    if publisher is None:
+        replace_dir(out, out_dir)
     return manifest
+
+
+PREPARE_MARKER = ".raypatch-prepare.json"
+"""On a store, written first and removed last by `raypatch prepare`: a prefix holding it and no manifest is
+an interrupted prepare's output, which a rerun may continue over."""
+
+
+class StorePublisher:
+    """Publishes a shard set at a URI prefix, where nothing can be renamed into place.
+
+    Checked first (`__init__`): every object under the prefix must carry a name raypatch writes there
+    (shards.OWN_NAMES); a complete set (a manifest) is replaced only with overwrite; the leftovers of an
+    interrupted prepare (the marker, no manifest) are continued over without it. Then `begin` writes the marker
+    and removes an old manifest (from that moment the old set is gone as a whole, never mixed with the new
+    one); `publish` uploads each finished file in the background, removing the local copy; `finish` waits
+    for them, removes the leftovers it owns that the new set does not list, writes the manifest last and then
+    removes the marker.
+    """
+
+    def __init__(self, out: str, overwrite: bool) -> None:
+        self.out = out
+        self.existing = storage.list_files(out)
+        foreign = [n for n in self.existing if not OWN_NAMES.fullmatch(n)]
+        where = storage.display(out)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise InputError(f"--out {where}: holds {shown}, which raypatch did not write there; choose a new or "
+                             f"empty prefix (nothing was changed)")
+        if MANIFEST in self.existing and not overwrite:
+            raise InputError(f"--out {where}: already holds a shard set (pass --overwrite to replace it)")
+        if self.existing and MANIFEST not in self.existing and PREPARE_MARKER not in self.existing:
+            raise InputError(f"--out {where}: holds shard files without a manifest or raypatch's marker; choose "
+                             f"a new or empty prefix (nothing was changed)")
+        self.resumed = bool(self.existing) and MANIFEST not in self.existing
+        self.pool = ThreadPoolExecutor(2, thread_name_prefix="raypatch-upload")
+        self.pending: list[Any] = []
+
+    def begin(self) -> None:
+        import socket
+
+        from raypatch.console import say
+
+        storage.write_text(storage.join(self.out, PREPARE_MARKER), json.dumps(
+            {"writer": "raypatch prepare", "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}))
+        if MANIFEST in self.existing:
+            storage.delete_file(storage.join(self.out, MANIFEST))
+        if self.resumed:
+            say(f"prepare: {storage.display(self.out)} holds an interrupted prepare's output: starting over it")
+
+    def __enter__(self) -> StorePublisher:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        # On an error: no more uploads (what was uploaded stays, under the marker, for a rerun to go over).
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def publish(self, local: Path, name: str | None = None, keep: bool = False) -> None:
+        name = name or local.name
+
+        def up() -> None:
+            storage.upload(local, storage.join(self.out, name))
+            if not keep:
+                local.unlink(missing_ok=True)
+
+        self.pending.append(self.pool.submit(up))
+
+    def finish(self, files: list[str], manifest: str) -> None:
+        for f in self.pending:
+            f.result()
+        for stale in sorted(set(self.existing) - set(files) - {PREPARE_MARKER, MANIFEST}):
+            storage.delete_file(storage.join(self.out, stale))
+        storage.write_text(storage.join(self.out, MANIFEST), manifest)
+        storage.delete_file(storage.join(self.out, PREPARE_MARKER))
 
 
 def _tokenize_into(out: Path, files: list[str], tokenizer: str, tok: dict[str, Any], *, text_field: str,
                    val_every: int, shard_tokens: int, row_group_tokens: int, batch_size: int, num_tokenizers: int,
-                   progress: bool, shuffle_seed: int | None, ray: Any, tqdm: Any) -> tuple[dict[str, Any], int]:
+                   progress: bool, shuffle_seed: int | None, ray: Any, tqdm: Any,
+                   on_shard: Callable[[Path], None] | None = None) -> tuple[dict[str, Any], int]:
     """The Ray Data pipeline (read files -> tokenizer actors -> ordered documents) and the shard writers."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the driver must see documents in input order
@@ -552,8 +709,8 @@ def _tokenize_into(out: Path, files: list[str], tokenizer: str, tok: dict[str, A
                         compute=ray.data.ActorPoolStrategy(size=n), batch_format="pyarrow",
                         num_cpus=1 - READ_CPUS)
 
-    writers = {"train": ShardWriter(out, "train", shard_tokens, row_group_tokens),
-               "val": ShardWriter(out, "val", shard_tokens, row_group_tokens)}
+    writers = {"train": ShardWriter(out, "train", shard_tokens, row_group_tokens, on_shard),
+               "val": ShardWriter(out, "val", shard_tokens, row_group_tokens, on_shard)}
     shuffler = DocShuffler(out / ".shuffle.tmp", shuffle_seed) if shuffle_seed is not None else None
     n_docs = n_tokens = 0
     pieces: list[np.ndarray] = []  # the pieces so far of a long document

@@ -144,7 +144,8 @@ def absolute_paths(cfg: Config) -> Config:
         return str(Path(value).expanduser()) if value.startswith("~") else value
 
     home = Path.home() if in_ray_job() else None
-    return replace(cfg, data={"shards": fix(cfg.data.shards)}, eval={"wikitext": fix(cfg.eval.wikitext)},
+    return replace(cfg, data={"shards": fix(cfg.data.shards), "cache_dir": fix(cfg.data.cache_dir)},
+                   eval={"wikitext": fix(cfg.eval.wikitext)},
                    model={"hf_config": fix(cfg.model.hf_config), "init_from": fix(cfg.model.init_from)},
                    checkpoint={"storage_path": fix(cfg.checkpoint.storage_path, home)})
 

@@ -44,21 +44,17 @@ def _resolve(p: str | Path) -> Path:
 
 
 def check_not_overlapping(out: str | Path, inputs: Iterable[tuple[str, str | Path]], flag: str) -> None:
-    """Refuse an output path that is, contains or lies inside an input (given as (description, path) pairs)."""
-    o = _resolve(out)
+    """Refuse an output path that is, contains or lies inside an input (given as (description, path) pairs);
+    local paths and URIs alike (storage.same_place)."""
+    from raypatch.storage import display, same_place
+
     for what, p in inputs:
         if not p:
             continue
-        i = _resolve(p)
-        if o == i:
-            rel = "is"
-        elif i.is_relative_to(o):
-            rel = "contains"
-        elif o.is_relative_to(i):
-            rel = "lies inside"
-        else:
-            continue
-        raise InputError(f"{flag} {out}: {rel} the {what} {i}; choose an output path outside every input")
+        rel = same_place(out, p)
+        if rel is not None:
+            raise InputError(f"{flag} {display(out)}: {rel} the {what} {display(p) if '://' in str(p) else _resolve(p)}"
+                             f"; choose an output path outside every input")
 
 
 def foreign_entries(d: Path, owned: set[str]) -> list[str]:

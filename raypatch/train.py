@@ -47,7 +47,7 @@ from raypatch.optim import (
 )
 from raypatch.patching import flops_per_position
 from raypatch.safety import InputError, find_input_error
-from raypatch.shards import load_manifest, shards_id, tokenizer_dir
+from raypatch.shards import load_manifest, local_tokenizer, shards_id, tokenizer_dir
 
 
 @dataclass
@@ -229,7 +229,7 @@ def evaluation_sets(cfg: Config, manifest: dict[str, Any], world_size: int) -> d
     sets = {"val": val_rows(TokenStream(cfg.data.shards, "val", manifest=manifest), cfg.data.seq_len,
                             cfg.eval.max_rows)}
     if cfg.eval.wikitext:
-        sets["wikitext"] = text_rows(cfg.eval.wikitext, tokenizer_dir(cfg.data.shards, manifest), cfg.data.seq_len,
+        sets["wikitext"] = text_rows(cfg.eval.wikitext, local_tokenizer(cfg.data.shards, manifest), cfg.data.seq_len,
                                      cfg.eval.max_rows)
     return {k: v for k, v in sets.items() if len(v) >= world_size}
 
@@ -249,7 +249,8 @@ def begin_phase(engine: Any, cfg: Config, plan: PhasePlan, state: TrainState, ph
 def phase_batches(cfg: Config, plan: PhasePlan, cursor: int, w: Worker) -> Iterator[dict[str, np.ndarray]]:
     """This worker's micro-batches of the phase from block `cursor` on, in plan order."""
     ds = worker_dataset(plan, cfg.data.shards, w.rank, w.world_size, start_block=cursor,
-                        end_block=plan.num_steps * plan.blocks_per_step, read_cpus=cfg.data.read_cpus)
+                        end_block=plan.num_steps * plan.blocks_per_step, read_cpus=cfg.data.read_cpus,
+                        cache_dir=cfg.data.cache_dir, cache_bytes=int(cfg.data.cache_gb * 2**30))
     return iter(ds.iter_batches(batch_size=cfg.optim.micro_batch_size, batch_format="numpy",
                                 prefetch_batches=cfg.data.prefetch_batches))
 

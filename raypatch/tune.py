@@ -118,7 +118,8 @@ def train_driver(config: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raypatch.driver import build_trainer, preflight, storage_join, write_storage_text
+    from raypatch import storage
+    from raypatch.driver import build_trainer, preflight
 
     base = Config.from_dict(config["base"])
     trial = ray.tune.get_context().get_trial_id()
@@ -133,7 +134,7 @@ def train_driver(config: dict[str, Any]) -> None:
         raise find_input_error(result.error) or result.error
     if (result.return_value or {}).get("error"):
         raise InputError(result.return_value["error"])
-    write_storage_text(storage_join(config["trials_dir"], cfg.checkpoint.name, "trial.json"), json.dumps(
+    storage.write_text(storage.join(config["trials_dir"], cfg.checkpoint.name, "trial.json"), json.dumps(
         {"params": config["params"], "config": cfg.to_dict(), "wall_s": time.perf_counter() - t0,
          "state": (result.return_value or {}).get("state"), "final": (result.return_value or {}).get("final")}))
 
@@ -195,12 +196,12 @@ def run_search(base: Config, *, budget: float, space: dict[str, Any] | None = No
     # Reports carry the latest val/loss, but a checkpoint saved before a trial's first evaluation has none;
     # Tune's strict check would end the whole search on it. Trials are ranked on their final report.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    from raypatch.driver import is_uri, read_storage_text, storage_join
+    from raypatch import storage as store
 
     # The experiment (Tune's state, each trial's checkpoints and trial.json) lives under the storage path: a local
     # directory, or a URI such as s3://bucket/prefix?endpoint_override=... (its query stays last).
-    storage = storage if is_uri(storage) else str(Path(storage).expanduser().resolve())
-    exp_dir, trials_dir = storage_join(storage, name), storage_join(storage, name, "trials")
+    storage = storage if store.is_uri(storage) else str(Path(storage).expanduser().resolve())
+    exp_dir, trials_dir = store.join(storage, name), store.join(storage, name, "trials")
     common = {"base": base.to_dict(), "budget": budget, "corpus_tokens": corpus, "flops_per_pos": flops_per_pos,
               "multi_epoch": multi_epoch, "trials_dir": str(trials_dir)}
     if search == "grid":
@@ -229,7 +230,7 @@ def run_search(base: Config, *, budget: float, space: dict[str, Any] | None = No
 
     resources = {"CPU": 0.01} | ({"driver": 0.01} if ray.cluster_resources().get("driver") else {})
     trainable = tune.with_resources(train_driver, resources)
-    if not is_uri(storage):
+    if not store.is_uri(storage):
         Path(storage).mkdir(parents=True, exist_ok=True)
     if tune.Tuner.can_restore(exp_dir):
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
@@ -248,7 +249,7 @@ def run_search(base: Config, *, budget: float, space: dict[str, Any] | None = No
                          if r.error else "no result"})
             continue
         trial_id = r.metrics.get("trial_id")
-        info = json.loads(read_storage_text(storage_join(trials_dir, f"trial-{trial_id}", "trial.json")) or "{}")
+        info = json.loads(store.read_text(store.join(trials_dir, f"trial-{trial_id}", "trial.json")) or "{}")
         cfg = info.get("config") or {}
         st = TrainState.from_dict(info.get("state") or {})
         tok = st.tokens
