@@ -125,7 +125,8 @@ def train_and_compare(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
 
 
 # Fields that change no trained weight, and a run's identity (a run directory may have been moved or copied).
-IGNORED = {"gpu_hour_price", "log_every", "compare_baseline", "checkpoint.name", "checkpoint.storage_path"}
+IGNORED = {"gpu_hour_price", "log_every", "compare_baseline", "checkpoint.name", "checkpoint.storage_path",
+           "data.cache_dir", "data.cache_gb"}
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

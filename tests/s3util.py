@@ -106,7 +106,8 @@ class FaultProxy:
 
     `resets = N`: the next N requests get their connection reset (no answer). `slow_down(seconds)`: every
     request answers 503 SlowDown for that long. `down = True`: requests get a reset until it is False again (a
-    dead server). `requests` counts what reached the proxy; `faults` what it refused.
+    dead server). `delay`: seconds added before each answer (a remote store's first-byte latency). `requests`
+    counts what reached the proxy; `faults` what it refused.
     """
 
     def __init__(self, upstream: str) -> None:
@@ -114,6 +115,7 @@ class FaultProxy:
         self.resets = 0
         self.slow_until = 0.0
         self.down = False
+        self.delay = 0.0
         self.requests = 0
         self.faults = 0
         self.lock = threading.Lock()
@@ -148,6 +150,8 @@ class FaultProxy:
                     if self.command != "HEAD":
                         self.wfile.write(SLOW_DOWN)
                     return
+                if proxy.delay:
+                    time.sleep(proxy.delay)
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}

@@ -1,58 +1,163 @@
-"""Checkpoints and Tune on real S3 semantics: a local S3-compatible server (moto's standalone server, as Ray's own
-storage tests use), started and stopped here on 127.0.0.1 with the fake credentials conftest.py sets (none from
-the environment reach it). Run: pytest tests/test_s3.py
+"""Data, checkpoints and Tune on real S3 semantics: a local S3-compatible server (moto's standalone server, as Ray's
+own storage tests use), started and stopped here on 127.0.0.1 with the fake credentials conftest.py sets (none
+from the environment reach it). The fault drills (resets, 503s, a server restart, a worker killed while
+streaming) are in tests/test_s3_faults.py (slow). Run: pytest tests/test_s3.py
 """
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from raypatch.safety import InputError
 from tests.helpers import step_losses
+from tests.s3util import BUCKET, S3Server, keys
+from tests.s3util import uri as s3_uri
 from tests.test_train import reference, tiny, trained_steps  # noqa: F401 - reference is a fixture
 
 pytestmark = pytest.mark.ray
-BUCKET = "raypatch-test"
+SHARD_ARGS = {"shard_tokens": 40_000, "row_group_tokens": 3_000, "val_every": 10, "progress": False}
+"""The `shards` fixture's settings (conftest.py): a set prepared here with them must be that set."""
 
 
 @pytest.fixture(scope="module")
 def s3_server():
     """(endpoint, boto3 client) of a moto server with one empty bucket; stopped after the module."""
-    import boto3
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        client = boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name="us-east-1")
-        client.create_bucket(Bucket=BUCKET)
-        yield endpoint, client
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    server = S3Server().start()
+    client = server.client()
+    client.create_bucket(Bucket=BUCKET)
+    yield server.endpoint, client
+    server.stop()
 
 
-def s3_uri(endpoint: str, prefix: str) -> str:
-    return f"s3://{BUCKET}/{prefix}?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+@pytest.fixture(scope="module")
+def s3_shards(s3_server, corpus, tokenizer_dir, shards):
+    """The `shards` set prepared straight to the bucket from the local corpus (local -> S3)."""
+    from raypatch.prepare import prepare
+
+    endpoint, _ = s3_server
+    out = s3_uri(endpoint, "sets/from-local")
+    prepare([str(corpus)], tokenizer_dir, out, **SHARD_ARGS)
+    return out
 
 
-def keys(client, prefix: str) -> list[str]:
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    return [o["Key"] for p in pages for o in p.get("Contents", [])]
+def test_prepare_to_and_from_s3_gives_the_local_shard_set(s3_server, s3_shards, corpus, tokenizer_dir, shards,
+                                                          tmp_path):
+    """local -> S3 and S3 -> S3 (a glob on the bucket) make the shard set that local -> local makes: the same
+    shard set id and the same token stream in both splits; the manifest comes last and the marker goes."""
+    from raypatch.data import TokenStream
+    from raypatch.prepare import prepare
+    from raypatch.shards import load_manifest
+
+    endpoint, client = s3_server
+    client.upload_file(str(corpus), BUCKET, "raw/docs.jsonl.gz")
+    s3_in = s3_uri(endpoint, "sets/from-s3")
+    m = prepare([s3_uri(endpoint, "raw/*.jsonl.gz")], tokenizer_dir, s3_in, **SHARD_ARGS)
+    local = load_manifest(shards)
+    assert m["shards_id"] == load_manifest(s3_shards, verify="full")["shards_id"] == local["shards_id"]
+    assert m["sources"][0]["sha256"] == local["sources"][0]["sha256"]
+    for split in ("train", "val"):
+        a, b, c = (TokenStream(x, split) for x in (shards, s3_shards, s3_in))
+        assert a.total_tokens == b.total_tokens == c.total_tokens > 0
+        ref = a.read(0, a.total_tokens)
+        assert np.array_equal(ref, b.read(0, b.total_tokens)) and np.array_equal(ref, c.read(0, c.total_tokens))
+    stored = [k.split("/", 2)[2] for k in keys(client, "sets/from-s3/") if not k.endswith("/")]
+    assert sorted(stored) == sorted(m["files"])  # the set, its manifest, no marker, nothing else
+    # The optional local cache: shards copied once, checked, read from disk; same stream.
+    cached = TokenStream(s3_in, cache_dir=str(tmp_path / "cache"), cache_bytes=1 << 30)
+    assert np.array_equal(cached.read(0, cached.total_tokens), TokenStream(shards).read(0, cached.total_tokens))
+    assert sorted(f.name for f in (tmp_path / "cache").rglob("*.parquet")) == \
+        sorted(s["file"] for s in m["splits"]["train"]["shards"])
+
+
+def test_prepare_on_a_store_keeps_what_it_did_not_write(s3_server, corpus, tokenizer_dir, tmp_path):
+    """An interrupted prepare leaves shards and the marker but no manifest, which no reader takes for a set; a
+    rerun goes over it without --overwrite and leaves no stale object. A set is replaced only with --overwrite;
+    a prefix holding anything raypatch did not write, or an output inside an input, is refused untouched."""
+    from raypatch.prepare import PREPARE_MARKER, prepare
+    from raypatch.shards import load_manifest
+
+    endpoint, client = s3_server
+    bad = tmp_path / "z-bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken\n')
+    out = s3_uri(endpoint, "sets/interrupted")
+    # Batches of 8 documents: the bad file's error reaches the driver after shards were written and uploaded.
+    args = {**SHARD_ARGS, "shard_tokens": 10_000, "row_group_tokens": 1_000, "val_every": 0, "batch_size": 8}
+    with pytest.raises(InputError, match=r"z-bad.jsonl:2: invalid JSON"):
+        prepare([str(corpus), str(bad)], tokenizer_dir, out, **args)
+    left = [k.rsplit("/", 1)[1] for k in keys(client, "sets/interrupted/")]
+    assert PREPARE_MARKER in left and "manifest.json" not in left and any(k.endswith(".parquet") for k in left)
+    with pytest.raises(InputError, match="no manifest.json"):
+        load_manifest(out)
+    m = prepare([str(corpus)], tokenizer_dir, out, **{**args, "shard_tokens": 1 << 20})  # fewer, larger shards
+    stored = [k.split("/", 2)[2] for k in keys(client, "sets/interrupted/") if not k.endswith("/")]
+    assert sorted(stored) == sorted(m["files"]), "stale shards of the interrupted run were left"
+    with pytest.raises(InputError, match="already holds a shard set"):
+        prepare([str(corpus)], tokenizer_dir, out, **args)
+    client.put_object(Bucket=BUCKET, Key="sets/interrupted/notes.txt", Body=b"mine")
+    with pytest.raises(InputError, match="holds notes.txt, which raypatch did not write"):
+        prepare([str(corpus)], tokenizer_dir, out, overwrite=True, **args)
+    assert load_manifest(out)["shards_id"] == m["shards_id"]  # refused before anything changed
+    assert client.get_object(Bucket=BUCKET, Key="sets/interrupted/notes.txt")["Body"].read() == b"mine"
+    client.upload_file(str(corpus), BUCKET, "in/docs.jsonl.gz")
+    with pytest.raises(InputError, match="contains the input s3://raypatch-test/in/docs.jsonl.gz"):
+        prepare([s3_uri(endpoint, "in/docs.jsonl.gz")], tokenizer_dir, s3_uri(endpoint, "in"), **args)
+    with pytest.raises(InputError, match="the pattern matches no file"):
+        prepare([s3_uri(endpoint, "in/*.parquet")], tokenizer_dir, s3_uri(endpoint, "x"), **args)
+    with pytest.raises(InputError, match="the bucket 'no-such-bucket' does not exist"):
+        prepare([str(corpus)], tokenizer_dir, s3_uri(endpoint, "x", bucket="no-such-bucket"), **args)
+
+
+def test_training_streams_its_shards_from_s3_as_from_disk(reference, s3_shards, tmp_path):  # noqa: F811
+    """The tiny run with data.shards on S3 (row-group range reads, no download) trains exactly the blocks of
+    the same run on local disk, with the same per-step losses, bit for bit."""
+    from raypatch.driver import fit
+
+    _, ref = reference
+    summary = fit(tiny(s3_shards, tmp_path, "s3data"))
+    run, ref_run = Path(summary["run_dir"]), Path(ref["run_dir"])
+    assert trained_steps(run) == trained_steps(ref_run)
+    assert step_losses(run) == step_losses(ref_run)
+    assert summary["final"] == ref["final"]
+    assert (run / "hf" / "tokenizer.json").is_file()  # the tokenizer stored with the shards, fetched and checked
+
+
+def test_bad_data_on_s3_is_refused_before_any_worker_starts(s3_server, s3_shards, tmp_path):
+    from raypatch.driver import preflight
+
+    endpoint, client = s3_server
+    for shards, match in [(s3_uri(endpoint, "sets/none"), r"data.shards=s3://raypatch-test/sets/none: no "
+                                                             r"manifest.json"),
+                          (s3_uri(endpoint, "x", bucket="no-such-bucket"), "the bucket 'no-such-bucket' does not"),
+                          (s3_shards.replace("endpoint_override=", "secret_key=x&endpoint_override="),
+                           "carries credentials")]:
+        with pytest.raises(InputError, match=match):
+            preflight(tiny(shards, tmp_path, "bad"))
+    # A shard gone from the store since prepare: named, before any worker.
+    for k in keys(client, "sets/from-local/"):
+        client.copy_object(Bucket=BUCKET, Key=k.replace("from-local", "gone"), CopySource=f"{BUCKET}/{k}")
+    client.delete_object(Bucket=BUCKET, Key="sets/gone/train-00001.parquet")
+    with pytest.raises(InputError, match=r"shard s3://raypatch-test/sets/gone/train-00001.parquet: listed in the "
+                                         r"manifest but missing from the store"):
+        preflight(tiny(s3_uri(endpoint, "sets/gone"), tmp_path, "bad"))
+
+
+def test_a_shard_replaced_on_the_store_stops_the_run_naming_it(s3_server, s3_shards, tmp_path):
+    """Other bytes of the same size under a shard's name pass the size and footer checks; the row group's hash
+    stops the run at the first block it feeds, with one line naming the object."""
+    from raypatch.driver import fit
+
+    endpoint, client = s3_server
+    for k in keys(client, "sets/from-local/"):
+        client.copy_object(Bucket=BUCKET, Key=k.replace("from-local", "replaced"), CopySource=f"{BUCKET}/{k}")
+    key = "sets/replaced/train-00000.parquet"
+    data = bytearray(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    data[100:110] = bytes(10 - i for i in range(10))  # inside the first row group's data page
+    client.put_object(Bucket=BUCKET, Key=key, Body=bytes(data))
+    with pytest.raises(InputError, match=r"shard s3://raypatch-test/sets/replaced/train-00000.parquet: row group 0 "):
+        fit(tiny(s3_uri(endpoint, "sets/replaced"), tmp_path, "replaced"))
 
 
 @pytest.fixture()
