@@ -107,7 +107,7 @@ class FaultProxy:
     `resets = N`: the next N requests get their connection reset (no answer). `slow_down(seconds)`: every
     request answers 503 SlowDown for that long. `down = True`: requests get a reset until it is False again (a
     dead server). `delay`: seconds added before each answer (a remote store's first-byte latency). `requests`
-    counts what reached the proxy; `faults` what it refused.
+    counts what reached the proxy; `faults` what it refused or could not forward (the server behind was down).
     """
 
     def __init__(self, upstream: str) -> None:
@@ -159,6 +159,8 @@ class FaultProxy:
                     resp = conn.getresponse()
                     data = resp.read()
                 except OSError:  # the server behind is gone: the client sees a dead connection
+                    with proxy.lock:
+                        proxy.faults += 1
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.close_connection = True
                     self.connection.close()

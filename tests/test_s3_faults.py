@@ -96,22 +96,28 @@ def test_store_killed_and_restarted_mid_run(reference, store, tmp_path):  # noqa
     from raypatch.driver import fit
 
     _, ref = reference
-    server, _ = store
+    server, proxy = store
     objects = snapshot(server.client())
-    cfg = tiny(uri(server.endpoint, "sets/a"), tmp_path, "restart")
+    # Through the proxy (no faults of its own): it counts the requests that found the server gone.
+    cfg = tiny(uri(proxy.endpoint, "sets/a"), tmp_path, "restart")
+    before = proxy.faults
     down = threading.Event()
 
     def kill_and_restart() -> None:
+        # moto keeps its objects in memory: the new process gets them back (a real store's disks outlive its
+        # process) before the proxy lets requests through again, so no reader sees an empty bucket.
+        proxy.down = True
         server.stop()
         down.set()
         time.sleep(6)
         server.start()
         restore(server.client(), objects)
+        proxy.down = False
 
     watcher = at_step(tmp_path / "restart", 10, kill_and_restart)
     summary = fit(cfg)
     watcher.join(30)
-    assert down.is_set()
+    assert down.is_set() and proxy.faults > before, "no read met the dead store: the drill tested nothing"
     same_as_reference(summary, ref)
 
 
