@@ -17,6 +17,7 @@ Run: python benchmarks/s3_data.py   (about 8 minutes; writes benchmarks/results/
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -102,6 +103,12 @@ def main(argv: list[str] | None = None) -> None:
     from raypatch.shards import load_manifest
     from tests.s3util import BUCKET, FaultProxy, S3Server, uri
 
+    # The local server takes any key; these fake ones are set before Ray starts so its workers have them too,
+    # and no real credential from the environment ever goes to it.
+    os.environ |= {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+                   "AWS_EC2_METADATA_DISABLED": "true"}
+    for k in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        os.environ.pop(k, None)
     t0 = time.perf_counter()
     load = C.LoadTracker()
     C.start_ray()

@@ -122,6 +122,14 @@ def test_training_streams_its_shards_from_s3_as_from_disk(reference, s3_shards, 
     assert step_losses(run) == step_losses(ref_run)
     assert summary["final"] == ref["final"]
     assert (run / "hf" / "tokenizer.json").is_file()  # the tokenizer stored with the shards, fetched and checked
+    # `raypatch evaluate --shards s3://...` reads the val split from the bucket: the run's own final loss.
+    import argparse
+
+    from raypatch.cli import evaluate_command
+
+    out = evaluate_command(argparse.Namespace(model=summary["export"], shards=s3_shards, text="", seq_len=0,
+                                              max_rows=tiny(s3_shards, tmp_path, "x").eval.max_rows))
+    assert out["val"]["loss"] == pytest.approx(summary["final"]["val/loss"], abs=1e-4)
 
 
 def test_bad_data_on_s3_is_refused_before_any_worker_starts(s3_server, s3_shards, tmp_path):
@@ -210,14 +218,15 @@ def test_checkpoints_on_s3_survive_a_worker_kill_and_a_stopped_run(reference, sh
                  str(tmp_path / "y")]) == 2 and not (tmp_path / "y").exists()
 
 
-def test_tune_stores_and_restores_its_experiment_on_s3(shards, s3_server, home, tmp_path):
-    """A search with storage on S3: Tune's experiment state and every trial's checkpoints and trial.json land in
-    the bucket; running the same name again restores it from there and retrains nothing."""
+def test_tune_stores_and_restores_its_experiment_on_s3(s3_shards, s3_server, home, tmp_path):
+    """A search with its shards and its storage on S3: every trial streams the set from the bucket; Tune's
+    experiment state and every trial's checkpoints and trial.json land in the bucket; running the same name
+    again restores it from there and retrains nothing."""
     from raypatch.tune import parse_space, run_search
     from tests.test_tune import BUDGET, base
 
     endpoint, client = s3_server
-    cfg = base(shards, tmp_path)
+    cfg = base(s3_shards, tmp_path)
     storage = s3_uri(endpoint, "tune")
     space = parse_space(["patch.k=1,2"])
     rows = run_search(cfg, budget=BUDGET, space=space, name="s3search", storage=storage, concurrency=2)
