@@ -128,7 +128,8 @@ def load_manifest(shards_dir: str, *, verify: str = "size") -> dict[str, Any]:
                 raise InputError(f"shard {storage.display(f)}: listed in the manifest but missing "
                                  f"{'from the store' if uri else 'on disk'}")
             if sizes[s["file"]] != s["bytes"]:
-                raise InputError(f"shard {storage.display(f)}: {sizes[s['file']]} bytes, the manifest says "
+                raise InputError(f"shard {storage.display(f)}: {sizes[s['file']]} bytes "
+                                 f"{'in the store' if uri else 'on disk'}, the manifest says "
                                  f"{s['bytes']} (the shards changed since `raypatch prepare`; rerun it)")
             if verify == "meta":
                 check_shard_footer(f, s)
