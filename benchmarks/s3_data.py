@@ -95,6 +95,12 @@ def train(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def peak(runs: list[dict[str, Any]], kind: str) -> str:
+    """The largest peak RSS sampled over an arm's runs; '-' when the sampler caught no such process."""
+    vals = [r["peak_rss_mib"][kind] for r in runs if r["peak_rss_mib"][kind] == r["peak_rss_mib"][kind]]
+    return f"{max(vals):,.0f}" if vals else "-"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from raypatch.config import apply_overrides
@@ -169,8 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             tps = statistics.mean(r[ph]["tokens_per_s"] for r in rs)
             rows.append([arm, ph, f"{tps:,.0f}", f"{tps / ref[ph]:.3f}",
                          f"{100 * statistics.mean(r[ph]['data_wait'] for r in rs):.2f} %",
-                         f"{max(r['peak_rss_mib']['train_worker'] for r in rs):,.0f}",
-                         f"{max(r['peak_rss_mib']['read_task'] for r in rs):,.0f}"])
+                         peak(rs, "train_worker"), peak(rs, "read_task")])
     best = {k: min(v) for k, v in prep.items()}
     prow = [[k, f"{min(v):.1f}", f"{statistics.median(v):.1f}", f"{tokens / min(v) / 1e6:.2f}",
              f"{best['local -> local'] / min(v):.3f}"] for k, v in prep.items()]
