@@ -48,6 +48,7 @@ from raypatch.shards import (
     FORMAT,
     MANIFEST,
     OWN_NAMES,
+    TOKENIZER_FILES,
     file_sha256,
     manifest_checksum,
     shard_set_files,
@@ -63,9 +64,6 @@ READ_CPUS = 0.1
 """What a file-reading task asks of Ray; a tokenizer actor asks the rest of a CPU."""
 BLOCK_BYTES = 4 << 20
 """Ray Data's block size for the documents on their way to the tokenizer actors."""
-TOKENIZER_FILES = re.compile(r"tokenizer[^/]*|special_tokens_map\.json|added_tokens\.json|vocab\.[a-z]+|merges\.txt"
-                             r"|chat_template[^/]*|spiece\.model|[^/]*\.tiktoken")
-"""The files of an HF tokenizer directory that a shard set and `raypatch tokenizer train` carry."""
 
 
 # --- reading raw text ------------------------------------------------------------------------------
@@ -98,7 +96,7 @@ def resolve_inputs(patterns: list[str]) -> list[str]:
                 if fi is None:
                     raise InputError(f"input {storage.display(m)}: no such object"
                                      + (" (a prefix: give a glob such as .../*.jsonl)" if storage.is_dir(m) else ""))
-                if fi.type.name != "File":
+                if not storage.is_file(m):
                     raise InputError(f"input {storage.display(m)}: not a file (give a glob such as .../*.jsonl)")
                 _kind(m)
                 files.append(m)

@@ -78,9 +78,11 @@ def shard_set_files(d: str | Path) -> set[str]:
     return own | {f"tokenizer/{f}" for f in (files_under(tok) if not storage.is_uri(d) and tok.is_dir() else [])}
 
 
-OWN_NAMES = re.compile(r"manifest\.json|(train|val)-\d{5}\.parquet|\.raypatch-prepare\.json|tokenizer/("
-                       r"tokenizer[^/]*|special_tokens_map\.json|added_tokens\.json|vocab\.[a-z]+|merges\.txt"
-                       r"|chat_template[^/]*|spiece\.model|[^/]*\.tiktoken)")
+TOKENIZER_FILES = re.compile(r"tokenizer[^/]*|special_tokens_map\.json|added_tokens\.json|vocab\.[a-z]+|merges\.txt"
+                             r"|chat_template[^/]*|spiece\.model|[^/]*\.tiktoken")
+"""The files of an HF tokenizer directory that a shard set and `raypatch tokenizer train` carry."""
+OWN_NAMES = re.compile(r"manifest\.json|(train|val)-\d{5}\.parquet|\.raypatch-prepare\.json|tokenizer/(?:"
+                       + TOKENIZER_FILES.pattern + ")")
 """Every name `raypatch prepare` writes in a shard set: what it may ever replace or delete there."""
 
 
@@ -159,15 +161,14 @@ def _check_manifest_shape(m: dict[str, Any]) -> None:
             raise ValueError(f"split {name}: its shards hold {total} tokens, the manifest says {split['tokens']}")
 
 
-def check_shard_footer(path: str | Path, s: dict[str, Any], pf: pq.ParquetFile | None = None) -> pq.ParquetFile:
+def check_shard_footer(path: str | Path, s: dict[str, Any]) -> pq.ParquetFile:
     """A shard's Parquet footer against its manifest entry: list<int32> ids, row groups and their token
     counts. Reads only the footer (range reads on a store); returns the open file."""
-    if pf is None:
-        try:
-            pf = storage.retrying(str(path), "read the footer of",
-                                  lambda: pq.ParquetFile(storage.open_input(path)), own_errors=True)
-        except (OSError, pa.ArrowException) as e:
-            raise InputError(f"shard {storage.display(path)}: not a readable Parquet file ({e})") from None
+    try:
+        pf = storage.retrying(str(path), "read the footer of", lambda: pq.ParquetFile(storage.open_input(path)),
+                              own_errors=True)
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(f"shard {storage.display(path)}: not a readable Parquet file ({e})") from None
     path = storage.display(path)
     schema = pf.schema_arrow
     if "input_ids" not in schema.names:
