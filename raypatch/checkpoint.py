@@ -5,18 +5,23 @@ Layout of one checkpoint directory (Ray merges the ranks' files into one directo
     ds/                      DeepSpeed save_checkpoint(tag="ds"): model states and every rank's ZeRO shard
     rng-<rank>.json          each rank's torch RNG state
     meta.json                written by rank 0, last: the training state below and the config
+    committed.json           written by the Train controller once every rank's upload is done: the commit
 
 meta.json: {"version", "state": {phase, step_in_phase, global_step, cursor, tokens, positions, seconds, flops},
 "config", "model", "tokenizer_fingerprint", "plan", "world_size"}. `cursor` is the number of blocks of the
 current phase already trained; the packer recomputes every worker's share from it.
 
-A checkpoint is first written to a fresh local temporary directory and only then handed to
-`ray.train.report`, which uploads it and registers it once every rank has reported; a crash mid-save never
-replaces the previous registered checkpoint. Ray registers a report only when its controller next polls the
-workers, so a worker group that dies right after uploading leaves an unregistered directory behind; the
-restarted group trains those steps again and would upload into the same directory name, merging its shards
-with the stale ones (a 2-worker shard beside a 1-worker one after a shrink). `clear_stale` removes such a
-directory before every save.
+A checkpoint is first written to a fresh local temporary directory (the only part training waits for) and then
+handed to `ray.train.report`, which uploads it, by default in the background (checkpoint.upload=async), and
+registers it once every rank's upload is done. The commit rule: a checkpoint counts only once registered, and
+registration writes committed.json into it (`CommitCallback`, on the controller); resume, rerun and export skip
+or refuse a directory without it, however complete it looks, so a crash mid-upload never replaces the previous
+checkpoint. (Checkpoints of meta version 1, from before the marker, count with meta.json alone.)
+
+Ray registers a report only when its controller next polls the workers, so a worker group that dies right after
+uploading leaves an unregistered directory behind; the restarted group trains those steps again and would upload
+into the same directory name, merging its shards with the stale ones (a 2-worker shard beside a 1-worker one after
+a shrink). `clear_stale` removes such a directory before every save.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -49,7 +55,8 @@ from raypatch.safety import (
 META = "meta.json"
 TAG = "ds"
 MODEL_STATES = "mp_rank_00_model_states.pt"
-VERSION = 1
+VERSION = 2
+COMMITTED = "committed.json"
 
 
 @dataclass
@@ -105,7 +112,8 @@ def model_signature(model_cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def upgrade_meta(meta: dict[str, Any]) -> dict[str, Any]:
-    """Bring meta.json written by older versions to the current layout (none yet: version 1)."""
+    """Bring meta.json written by older versions to the current layout (version 1 differs only in having no
+    commit marker: `is_committed`)."""
     if meta.get("version", 1) > VERSION:
         raise InputError(f"checkpoint meta version {meta['version']} is newer than this raypatch ({VERSION})")
     return meta
@@ -179,24 +187,67 @@ def check_compatible(meta: dict[str, Any], *, config: dict[str, Any], tokenizer_
 
 
 def save_and_report(engine: Any, *, rank: int, meta: dict[str, Any], metrics: dict[str, Any],
-                    say: Callable[[str], None]) -> None:
+                    say: Callable[[str], None], upload: str = "async") -> float:
     """Collective: every rank writes its part to a local temporary directory, then `ray.train.report` uploads
-    it as checkpoint-<global step> (registered once every rank reported). The local copy is removed after."""
+    it as checkpoint-<global step>, registered (and committed: CommitCallback) once every rank's upload is
+    done. With upload="async" the upload runs on Ray Train's upload thread while training goes on, and the
+    local copy goes when it is done; "sync" waits for it. Returns the seconds training stood still."""
     import ray.train
     import torch.distributed as dist
 
+    t0 = time.perf_counter()
     name = f"checkpoint-{meta['state']['global_step']:07d}"
     d = save_local(engine, rank=rank, meta=meta)
+    background = False
     try:
+        store = ray.train.get_context().get_storage()
         if rank == 0:  # an unregistered upload of an earlier attempt may hold this name (module docstring)
-            ctx = ray.train.get_context().get_storage()
-            if clear_stale(ctx.storage_filesystem, ctx.build_checkpoint_path_from_name(name)):
+            if clear_stale(store.storage_filesystem, store.build_checkpoint_path_from_name(name)):
                 say(f"removed {name} left unregistered by an earlier attempt; saving it anew")
         dist.barrier()  # nobody uploads before the stale directory is gone
-        ray.train.report({**metrics, "checkpoint": name}, checkpoint=ray.train.Checkpoint.from_directory(str(d)),
-                         checkpoint_dir_name=name)
+        ckpt = ray.train.Checkpoint.from_directory(str(d))
+        if upload == "async":
+            ray.train.report({**metrics, "checkpoint": name}, checkpoint=ckpt, checkpoint_dir_name=name,
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                             checkpoint_upload_fn=upload_then_remove(store, d, rank))
+            background = True
+        else:
+            ray.train.report({**metrics, "checkpoint": name}, checkpoint=ckpt, checkpoint_dir_name=name)
     finally:
-        shutil.rmtree(d, ignore_errors=True)
+        if not background:
+            shutil.rmtree(d, ignore_errors=True)
+    return time.perf_counter() - t0
+
+
+def upload_then_remove(store: Any, local: Path, rank: int) -> Callable[[Any, str], Any]:
+    """Ray Train's upload, run on its upload thread, then the local copy removed whatever happened (Ray's own
+    deletion is skipped when the upload fails, which would leave a raypatch-ckpt-* copy per failure)."""
+    from raypatch.faults import maybe_kill_mid_upload
+
+    def upload(ckpt: Any, name: str) -> Any:
+        try:
+            maybe_kill_mid_upload(store, local, name, rank)
+            return store.persist_current_checkpoint(ckpt, name)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+
+    return upload
+
+
+def commit_callback() -> Any:
+    """A Ray Train callback, run on the controller, that writes committed.json into every checkpoint it registers:
+    the commit rule's marker (module docstring)."""
+    import ray.train
+
+    class CommitCallback(ray.train.UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            if checkpoint is None:
+                return
+            body = json.dumps({"checkpoint": Path(checkpoint.path).name, "committed_at": time.time()}).encode()
+            with checkpoint.filesystem.open_output_stream(f"{checkpoint.path}/{COMMITTED}") as f:
+                f.write(body)
+
+    return CommitCallback()
 
 
 @dataclass
@@ -366,18 +417,28 @@ def to_universal(ckpt_dir: str | Path) -> str:
     return out.name
 
 
+def is_committed(ckpt_dir: str | Path, meta: dict[str, Any]) -> bool:
+    """The commit rule (module docstring): registered by Ray Train, or written before the rule existed."""
+    return meta.get("version", 1) < 2 or (Path(ckpt_dir) / COMMITTED).is_file()
+
+
 def find_latest(run_dir: str | Path) -> Path | None:
-    """The newest complete raypatch checkpoint under a local run directory, if any."""
+    """The newest committed raypatch checkpoint under a local run directory, if any. A directory that was never
+    committed (its upload cut short, or never registered) is passed over: Ray Train resumes from the registered
+    one before it, and the next save of that step replaces it."""
     best, best_step = None, -1
     for d in Path(run_dir).glob("checkpoint-*"):
         m = d / META
         if m.exists():
             try:
-                step = json.loads(m.read_text())["state"]["global_step"]
+                meta = json.loads(m.read_text())
+                step = meta["state"]["global_step"]
             except (ValueError, KeyError, TypeError) as e:
+                if not (d / COMMITTED).is_file():
+                    continue  # torn while it was written: never counted
                 raise InputError(f"checkpoint {d}: {META} is damaged ({type(e).__name__}: {e}); move the "
                                  f"directory away to resume from the one before") from None
-            if step > best_step:
+            if step > best_step and is_committed(d, meta):
                 best, best_step = d, step
     return best
 
@@ -403,6 +464,9 @@ def check_checkpoint(ckpt_dir: str | Path) -> dict[str, Any]:
     """Everything that can be checked of a checkpoint before training or export: meta.json, one ZeRO shard
     per writing rank, and every file's pickle against the allow-list. Returns the meta."""
     meta = load_meta(ckpt_dir)
+    if not is_committed(ckpt_dir, meta):
+        raise InputError(f"checkpoint {ckpt_dir}: never committed (no {COMMITTED}: its upload was cut short, or "
+                         f"Ray Train never registered it); use the checkpoint before it")
     check_shards(ckpt_dir, meta["world_size"], written_stage(meta, ckpt_dir))
     scan_checkpoint(ckpt_dir)
     return meta

@@ -237,6 +237,8 @@ class CheckpointConfig:
     """With preemption_check_every=0: ask about this often (steps agreed at each log line); 0 = never ask."""
     keep: int = 3
     """Checkpoints kept on storage."""
+    upload: str = "async"
+    """async: training waits only for the local snapshot, the upload to storage_path runs behind it; sync: waits."""
     max_failures: int = 0
     """Restarts from the last checkpoint allowed after a worker failure."""
 
@@ -250,6 +252,8 @@ class CheckpointConfig:
             _fail("checkpoint.storage_path", "empty (a local directory or an s3:// URI)")
         if self.every_steps < 0 or self.keep < 1 or self.every_tokens < 0 or self.every_minutes < 0:
             _fail("checkpoint", "every_steps, every_tokens and every_minutes must be >= 0 and keep >= 1")
+        if self.upload not in ("async", "sync"):
+            _fail("checkpoint.upload", f"must be 'async' or 'sync', got {self.upload!r}")
         if self.preemption_check_every < 0:
             _fail("checkpoint.preemption_check_every", f"must be >= 0, got {self.preemption_check_every}")
         if self.preemption_check_seconds < 0:
@@ -310,18 +314,19 @@ class Config:
             _fail("log_every", f"must be >= 1, got {self.log_every}")
         if not self.gpu_hour_price >= 0:
             _fail("gpu_hour_price", f"must be >= 0, got {self.gpu_hour_price}")
-        # Every phase's optimizer step must split into whole micro-batches on every worker.
-        # With elastic training every size the group can take must keep the global batch exact.
-        sizes = range(self.scale.min_workers or self.scale.num_workers, self.scale.num_workers + 1)
+        # Every phase's optimizer step is whole rows, at least one per worker. Rows that do not split evenly
+        # across the workers (an elastic resize from 8 to 5, say) keep the step exact: optim.step_split.
         for name, block in (("patch", self.patch_block_tokens), ("token", self.data.seq_len)):
             if name == "patch" and self.patch.lam == 0:
                 continue
-            for n in sizes:
-                per_micro = block * self.optim.micro_batch_size * n
-                if self.optim.tokens_per_step % per_micro:
-                    _fail("optim.tokens_per_step", f"{self.optim.tokens_per_step} does not divide across "
-                          f"{n} workers x {self.optim.micro_batch_size} rows x {block} "
-                          f"tokens per {name}-phase row (needs a multiple of {per_micro})")
+            rows, rem = divmod(self.optim.tokens_per_step, block)
+            if rem:
+                _fail("optim.tokens_per_step", f"{self.optim.tokens_per_step} is not a whole number of "
+                      f"{name}-phase rows of {block} tokens (needs a multiple of {block})")
+            if rows < self.scale.num_workers:
+                _fail("optim.tokens_per_step", f"{self.optim.tokens_per_step} tokens make {rows} {name}-phase "
+                      f"rows of {block} tokens per step, fewer than scale.num_workers={self.scale.num_workers} "
+                      f"(needs at least {block * self.scale.num_workers})")
 
     @property
     def patch_block_tokens(self) -> int:

@@ -230,13 +230,12 @@ def worker_runs(plan: PhasePlan, rank: int, world_size: int, start_block: int = 
                 end_block: int | None = None) -> Iterator[tuple[int, int]]:
     """(first block, count) runs that worker `rank` of `world_size` trains on, in order, from `start_block`."""
     b = plan.blocks_per_step
-    if b % world_size:
-        raise ValueError(f"{b} {plan.phase}-phase rows per step do not divide across {world_size} workers")
-    m = b // world_size
+    # Each step's blocks in contiguous runs, as even as possible (optim.rows_per_counts): r·b//W to (r+1)·b//W.
+    first, last = rank * b // world_size, (rank + 1) * b // world_size
     end = plan.num_blocks if end_block is None else min(end_block, plan.num_blocks)
     for s in range(start_block // b, -(-end // b)):
-        lo = max(s * b + rank * m, start_block)
-        hi = min(s * b + (rank + 1) * m, end)
+        lo = max(s * b + first, start_block)
+        hi = min(s * b + last, end)
         if lo < hi:
             yield lo, hi - lo
 

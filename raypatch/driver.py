@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from raypatch import storage
-from raypatch.checkpoint import TrainState, check_checkpoint, check_compatible, export_hf, find_latest
+from raypatch.checkpoint import (
+    TrainState,
+    check_checkpoint,
+    check_compatible,
+    commit_callback,
+    export_hf,
+    find_latest,
+)
 from raypatch.config import Config, replace
 from raypatch.console import relay, say
 from raypatch.data import PhasePlan, plan_dicts, plan_from_config
@@ -278,7 +285,7 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, console: Any = 
             # Preemptions (spot reclaims, drained nodes) never use up max_failures, which is for real errors.
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures, max_preemption_failures=-1),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-            worker_runtime_env={"env_vars": env}, callbacks=callbacks,
+            worker_runtime_env={"env_vars": env}, callbacks=[commit_callback(), *(callbacks or [])],
             logging_config=LoggingConfig(log_level="WARNING")),
     )
 

@@ -5,6 +5,9 @@
   lost workers with a fault-free one block by block.
 - Fault injection: RAYPATCH_KILL_AT_STEPS="6,22" and RAYPATCH_KILL_RANK=1 make that rank SIGKILL itself once
   after each listed global step (a marker file in the run directory keeps it to once).
+- RAYPATCH_KILL_IN_UPLOAD=8 (with RAYPATCH_KILL_RANK) makes that rank SIGKILL itself halfway through uploading
+  checkpoint-0000008, on Ray Train's upload thread: meta.json and one state file are in storage, the rest never
+  arrives (once per run directory too), after an earlier checkpoint was committed.
 """
 
 from __future__ import annotations
@@ -47,3 +50,28 @@ def attempt_id(device: Any) -> int:
     t = torch.tensor([os.getpid()], dtype=torch.int64, device=device)
     dist.broadcast(t, 0)
     return int(t.item())
+
+
+def maybe_kill_mid_upload(store: Any, local: Path, name: str, rank: int) -> None:
+    """RAYPATCH_KILL_IN_UPLOAD (module docstring): upload meta.json and the first state file, then die."""
+    step = os.environ.get("RAYPATCH_KILL_IN_UPLOAD", "")
+    if not step or name != f"checkpoint-{int(step):07d}" or rank != int(os.environ.get("RAYPATCH_KILL_RANK", "0")):
+        return
+    run_dir = Path(store.experiment_fs_path)
+    marker = run_dir / f".killed-in-upload-{step}"
+    if marker.exists():
+        return
+    marker.touch()
+    # The drill is "a crash mid-upload after an earlier checkpoint was committed": wait for that commit.
+    deadline = time.time() + 60
+    while not list(run_dir.glob("checkpoint-*/committed.json")) and time.time() < deadline:
+        time.sleep(0.2)
+    dest = store.build_checkpoint_path_from_name(name)
+    store.storage_filesystem.create_dir(dest)
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    for p in [p for p in files if p.name == "meta.json"] + [p for p in files if p.suffix == ".pt"][:1]:
+        target = f"{dest}/{p.relative_to(local).as_posix()}"
+        store.storage_filesystem.create_dir(target.rsplit("/", 1)[0])
+        with store.storage_filesystem.open_output_stream(target) as f:
+            f.write(p.read_bytes())
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -76,12 +76,46 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def grad_accum_steps(rows_per_step: int, phase: str, world_size: int, micro_batch: int) -> int:
-    """Micro-batches each worker runs per optimizer step, for a phase of `rows_per_step` global rows."""
-    per_worker, rem = divmod(rows_per_step, world_size * micro_batch)
-    if rem or per_worker == 0:
-        raise ValueError(f"optim.tokens_per_step: {rows_per_step} {phase}-phase rows per step do not "
-                         f"divide across {world_size} workers x {micro_batch} rows (optim.micro_batch_size)")
-    return per_worker
+    """Micro-batches every worker runs per optimizer step, for a phase of `rows_per_step` global rows: enough
+    for the worker with the most rows (`step_split`)."""
+    if rows_per_step < 1:
+        raise ValueError(f"optim.tokens_per_step: a {phase}-phase step has no whole row")
+    return -(-max(rows_per_counts(rows_per_step, world_size)) // micro_batch)
+
+
+def rows_per_counts(rows_per_step: int, world_size: int) -> list[int]:
+    """Rows of one optimizer step per rank: the step's blocks split into contiguous runs as evenly as possible
+    (rank r takes rows [r·B//W, (r+1)·B//W) of the step), so counts differ by at most one."""
+    return [rows_per_step * (r + 1) // world_size - rows_per_step * r // world_size for r in range(world_size)]
+
+
+def step_split(rows_per_step: int, world_size: int, micro_batch: int, rank: int) -> list[tuple[int, float]]:
+    """This rank's micro-batches of one optimizer step as (rows, loss weight).
+
+    The global batch rule: every optimizer step trains exactly the tokens_per_step the config asks for, at any
+    worker count. When the step's rows divide into whole micro-batches on every worker, each micro-batch holds
+    optim.micro_batch_size rows and weighs 1 (the ordinary DeepSpeed step, bit for bit). When they do not (a
+    resize from 8 to 5 workers, say), the rows are split as evenly as possible, every rank runs the same number
+    of micro-batches (the collectives need it), and each micro-batch's mean loss is weighted by
+    W·GA·rows/B, so that DeepSpeed's average over ranks and micro-batches is exactly the mean over the step's B
+    rows: the same optimisation problem, at the price of some idle rows on the ranks with fewer. A micro-batch
+    of 0 rows (more workers than rows) runs one zero row at weight 0: ZeRO-3's forward is a collective.
+    """
+    ga = grad_accum_steps(rows_per_step, "", world_size, micro_batch)
+    n = rows_per_counts(rows_per_step, world_size)[rank]
+    sizes = [n * (i + 1) // ga - n * i // ga for i in range(ga)]
+    return [(m, world_size * ga * m / rows_per_step) for m in sizes]
+
+
+def split_note(rows_per_step: int, phase: str, world_size: int, micro_batch: int) -> str:
+    """'' when the step splits evenly; else one line for the log saying how it is split."""
+    counts = rows_per_counts(rows_per_step, world_size)
+    if len(set(counts)) == 1 and counts[0] % micro_batch == 0:
+        return ""
+    ga = grad_accum_steps(rows_per_step, phase, world_size, micro_batch)
+    return (f"{phase} phase: {rows_per_step} rows per step do not split into whole micro-batches of "
+            f"{micro_batch} on {world_size} workers: {min(counts)}-{max(counts)} rows per worker in {ga} "
+            f"micro-batches, losses weighted by rows (the step is still the mean over all {rows_per_step} rows)")
 
 
 def start_phase(engine: Any, micro_batch: int, grad_accum: int, world_size: int, *, reset_optimizer: bool) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raypatch.checkpoint import TAG, Resume, TrainState, checkpoint_to_resume, save_and_report
+from raypatch.checkpoint import TAG, VERSION, Resume, TrainState, checkpoint_to_resume, save_and_report
 from raypatch.cluster import quiet_worker_logs
 from raypatch.config import Config
 from raypatch.data import PhasePlan, TokenStream, plan_dicts, plan_from_config, text_rows, val_rows, worker_dataset
@@ -41,8 +41,10 @@ from raypatch.optim import (
     lr_at,
     param_groups,
     set_lr,
+    split_note,
     stage_name,
     start_phase,
+    step_split,
     zero_stage,
 )
 from raypatch.patching import flops_per_position
@@ -96,7 +98,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     # The data plan is a pure function of the manifest and the config: every worker computes the same.
     manifest = load_manifest(cfg.data.shards)
     plans = plan_from_config(cfg, manifest["splits"]["train"]["tokens"])
-    identity = {"version": 1, "config": cfg.to_dict(), "plan": plan_dicts(plans),
+    identity = {"version": VERSION, "config": cfg.to_dict(), "plan": plan_dicts(plans),
                 "tokenizer_fingerprint": manifest["tokenizer"]["fingerprint"],
                 "tokenizer_dir": tokenizer_dir(cfg.data.shards, manifest), "shards_id": shards_id(manifest),
                 "world_size": w.world_size}
@@ -134,13 +136,13 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     for phase_index in range(state.phase, len(plans)):
         plan = plans[phase_index]
-        grad_accum = begin_phase(engine, cfg, plan, state, phase_index, w)
-        batches = phase_batches(cfg, plan, state.cursor, w)
+        micro = begin_phase(engine, cfg, plan, state, phase_index, w)
+        rows = StepRows(phase_batches(cfg, plan, state.cursor, w), plan, cfg.model.vocab_size)
         window.reset()
         for step in range(state.step_in_phase, plan.num_steps):
             set_lr(engine, phase_lr(cfg, plans, plan, state, step))
             step_t = time.perf_counter()
-            blocks, error = forward_backward(engine, batches, plan, grad_accum, cfg, w.device, window, log_loss)
+            blocks, error = forward_backward(engine, rows, plan, micro, cfg, w.device, window, log_loss)
             error = first_error(error, w.device)
             if error:  # before the optimizer step: the bad batch never changes the weights
                 writer.close()
@@ -175,8 +177,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 writer.write(base_metrics(state, plan, planned_tokens) | {"event": "switch"})
             if do_ckpt:
                 since_t, since_tokens = time.monotonic(), 0
-                save_and_report(engine, rank=w.rank, meta={**identity, "state": state.to_dict()}, metrics=metrics,
-                                say=w.say)
+                stall = save_and_report(engine, rank=w.rank, meta={**identity, "state": state.to_dict()},
+                                        metrics=metrics, say=w.say, upload=cfg.checkpoint.upload)
+                writer.write(base_metrics(state, plan, planned_tokens) | {
+                    "event": "checkpoint", "checkpoint/stall_s": stall, "checkpoint/upload": cfg.checkpoint.upload})
             window.excluded += time.perf_counter() - t_extra  # throughput counts training, not eval or saving
         if phase_index + 1 == len(plans):
             state.phase = len(plans)
@@ -234,20 +238,25 @@ def evaluation_sets(cfg: Config, manifest: dict[str, Any], world_size: int) -> d
     return {k: v for k, v in sets.items() if len(v) >= world_size}
 
 
-def begin_phase(engine: Any, cfg: Config, plan: PhasePlan, state: TrainState, phase_index: int, w: Worker) -> int:
-    """Gradient accumulation for the phase's block size; at the switch, the fresh optimizer. Returns it."""
+def begin_phase(engine: Any, cfg: Config, plan: PhasePlan, state: TrainState, phase_index: int,
+                w: Worker) -> list[tuple[int, float]]:
+    """Gradient accumulation for the phase's block size; at the switch, the fresh optimizer. Returns this
+    rank's micro-batches of a step (optim.step_split)."""
     at_switch = phase_index > 0 and state.step_in_phase == 0
-    grad_accum = grad_accum_steps(plan.blocks_per_step, plan.phase, w.world_size, cfg.optim.micro_batch_size)
-    start_phase(engine, cfg.optim.micro_batch_size, grad_accum, w.world_size,
-                reset_optimizer=at_switch and not cfg.phases.keep_optimizer)
+    mb = cfg.optim.micro_batch_size
+    grad_accum = grad_accum_steps(plan.blocks_per_step, plan.phase, w.world_size, mb)
+    start_phase(engine, mb, grad_accum, w.world_size, reset_optimizer=at_switch and not cfg.phases.keep_optimizer)
+    note = split_note(plan.blocks_per_step, plan.phase, w.world_size, mb)
+    if note:
+        w.say(note)
     if at_switch:
         w.say(f"=== switch at step {state.global_step}: patch phase done, token phase starts "
               f"({'kept optimizer' if cfg.phases.keep_optimizer else 'fresh optimizer, LR warmup restarts'})")
-    return grad_accum
+    return step_split(plan.blocks_per_step, w.world_size, mb, w.rank)
 
 
 def phase_batches(cfg: Config, plan: PhasePlan, cursor: int, w: Worker) -> Iterator[dict[str, np.ndarray]]:
-    """This worker's micro-batches of the phase from block `cursor` on, in plan order."""
+    """This worker's blocks of the phase from block `cursor` on, in plan order (StepRows cuts them into steps)."""
     ds = worker_dataset(plan, cfg.data.shards, w.rank, w.world_size, start_block=cursor,
                         end_block=plan.num_steps * plan.blocks_per_step, read_cpus=cfg.data.read_cpus,
                         cache_dir=cfg.data.cache_dir, cache_bytes=int(cfg.data.cache_gb * 2**30))
@@ -263,56 +272,70 @@ def phase_lr(cfg: Config, plans: list[PhasePlan], plan: PhasePlan, state: TrainS
                  min_lr=cfg.optim.min_lr)
 
 
-def forward_backward(engine: Any, batches: Iterator[dict[str, np.ndarray]], plan: PhasePlan, grad_accum: int,
-                     cfg: Config, device: Any, window: ThroughputWindow,
-                     log_loss: torch.Tensor) -> tuple[list[int], str]:
-    """One optimizer step's micro-batches through forward and backward; returns the blocks trained and this
-    rank's data error ('' when none: see next_batch)."""
-    micro_batch = cfg.optim.micro_batch_size
-    blocks: list[int] = []
-    error = ""
-    for micro in range(grad_accum):
-        t = time.perf_counter()
-        if error:  # this rank's data already failed: zeros keep the collectives in step
-            rows = np.zeros((micro_batch, plan.block_tokens), np.int32)
-        else:
-            rows, trained, error = next_batch(batches, plan, micro_batch, cfg.model.vocab_size)
-            blocks += trained
-        window.wait += time.perf_counter() - t
-        ids = torch.from_numpy(rows.astype(np.int64)).to(device)  # (micro_batch, block_tokens)
-        engine.set_gradient_accumulation_boundary(micro == grad_accum - 1)
+def forward_backward(engine: Any, rows: StepRows, plan: PhasePlan, micro: list[tuple[int, float]], cfg: Config,
+                     device: Any, window: ThroughputWindow, log_loss: torch.Tensor) -> tuple[list[int], str]:
+    """One optimizer step: this rank's rows of the step through forward and backward, in the micro-batches
+    `micro` lists ((rows, loss weight) each: optim.step_split); returns the blocks trained and this rank's
+    data error ('' when none: see StepRows)."""
+    t = time.perf_counter()
+    ids_all, blocks, error = rows.take(sum(m for m, _ in micro))
+    window.wait += time.perf_counter() - t
+    mb = cfg.optim.micro_batch_size
+    at = 0
+    for i, (m, weight) in enumerate(micro):
+        # A rank with no row left for this micro-batch (more workers than rows) runs one zero row at weight 0:
+        # under ZeRO-3 every forward is a collective.
+        batch = ids_all[at:at + m] if m else np.zeros((1, plan.block_tokens), np.int32)
+        at += m
+        ids = torch.from_numpy(batch.astype(np.int64)).to(device)  # (m, block_tokens)
+        engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
         loss = engine(ids, plan.k)
-        engine.backward(loss)
-        log_loss[0] += loss.detach().double()
-        log_loss[1] += 1
+        engine.backward(loss if weight == 1.0 else loss * weight)
+        log_loss[0] += loss.detach().double() * (m / mb)  # a row-weighted mean; m / mb is 1.0 for full batches
+        log_loss[1] += m / mb
     return blocks, error
 
 
-def next_batch(batches: Iterator[dict[str, np.ndarray]], plan: PhasePlan, micro_batch: int,
-               vocab_size: int) -> tuple[np.ndarray, list[int], str]:
-    """The next micro-batch (ids, block numbers, ''), or a zero batch and the reason when the data is bad.
+class StepRows:
+    """This worker's rows, one optimizer step at a time, from the Ray Data iterator (whose batches ignore
+    step bounds).
 
-    A bad batch (a damaged row group, a token id outside the vocabulary) is found on one rank only, while
-    every rank must run the same collectives: that rank trains this step on zeros and the step ends with
-    `first_error`, which every rank calls, so all of them stop together with the same one-line message
-    before the optimizer step. Deterministic data errors are never retried by Ray.
+    Bad data (a damaged row group, a token id outside the vocabulary) is found on one rank only, while every
+    rank must run the same collectives: that rank trains this step on zeros and the step ends with
+    `first_error`, which every rank calls, so all of them stop together with the same one-line message before
+    the optimizer step. Deterministic data errors are never retried by Ray.
     """
-    zeros = np.zeros((micro_batch, plan.block_tokens), np.int32)
-    try:
-        batch = next(batches)
-    except StopIteration:
-        raise
-    except Exception as e:
-        err = find_input_error(e)
-        if err is None:
-            raise
-        return zeros, [], str(err)
-    try:
-        check_token_ids(batch["input_ids"], vocab_size,
-                        lambda: f"{plan.phase}-phase blocks {batch['block'].tolist()}")
-    except ValueError as e:
-        return zeros, batch["block"].tolist(), str(e)
-    return batch["input_ids"], batch["block"].tolist(), ""
+
+    def __init__(self, batches: Iterator[dict[str, np.ndarray]], plan: PhasePlan, vocab_size: int) -> None:
+        self.batches, self.plan, self.vocab_size = batches, plan, vocab_size
+        self.ids: list[np.ndarray] = []
+        self.blocks: list[np.ndarray] = []
+        self.held = 0
+
+    def take(self, n: int) -> tuple[np.ndarray, list[int], str]:
+        """The next n rows (ids, block numbers, ''), or zeros and the reason when the data is bad."""
+        zeros = np.zeros((n, self.plan.block_tokens), np.int32)
+        while self.held < n:
+            try:
+                batch = next(self.batches)
+            except StopIteration:
+                raise
+            except Exception as e:
+                err = find_input_error(e)
+                if err is None:
+                    raise
+                return zeros, [], str(err)
+            self.ids.append(batch["input_ids"])
+            self.blocks.append(batch["block"])
+            self.held += len(batch["block"])
+        ids, blocks = np.concatenate(self.ids), np.concatenate(self.blocks)
+        self.ids, self.blocks, self.held = [ids[n:]], [blocks[n:]], len(blocks) - n
+        ids, trained = ids[:n], blocks[:n].tolist()
+        try:
+            check_token_ids(ids, self.vocab_size, lambda: f"{self.plan.phase}-phase blocks {trained}")
+        except ValueError as e:
+            return zeros, trained, str(e)
+        return ids, trained, ""
 
 
 def first_error(error: str, device: Any) -> str:

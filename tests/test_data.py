@@ -108,10 +108,22 @@ def test_resume_at_any_block_yields_exactly_the_rest(shards, world_before, world
         assert sorted(g for g, _ in after) == list(range(cursor, p.num_blocks))
 
 
-def test_runs_reject_worker_counts_that_do_not_divide_a_step():
+@pytest.mark.parametrize("world", [3, 5, 7, 8, 40])
+def test_uneven_worker_counts_split_every_step_exactly(world):
+    """8 -> 5 workers with 32 rows a step: each step's blocks go to the ranks in contiguous runs that differ by
+    at most one; every block of every step is trained once, by one rank, at the step it belongs to."""
     p = plans_for(100_000)[0]
-    with pytest.raises(ValueError, match="do not divide across 3 workers"):
-        list(worker_runs(p, 0, 3))
+    b = p.blocks_per_step
+    owner: dict[int, int] = {}
+    for r in range(world):
+        for first, count in worker_runs(p, r, world, start_block=5):
+            for g in range(first, first + count):
+                assert g not in owner
+                owner[g] = r
+    assert sorted(owner) == list(range(5, p.num_blocks))
+    for s in range(1, p.num_blocks // b):
+        counts = Counter(owner[g] for g in range(s * b, (s + 1) * b))
+        assert max(counts.values()) - min(counts.get(r, 0) for r in range(world)) <= 1
 
 
 # --- bad input ------------------------------------------------------------------------------------

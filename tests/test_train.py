@@ -160,6 +160,38 @@ def test_stopped_run_resumes_from_its_checkpoint(reference, shards, ray_local, t
         assert a[s] == pytest.approx(b[s], rel=1e-4, abs=1e-5), s
 
 
+def test_crash_mid_upload_leaves_the_previous_checkpoint_the_latest(reference, shards, ray_local, tmp_path,
+                                                                    monkeypatch):
+    """Rank 0 dies on its background upload thread with checkpoint-0000008 half in storage (meta.json and one
+    state file). That directory is never committed: the rerun's checks and resume pass over it to the last
+    committed checkpoint, and the finished run trained the reference's blocks to the reference's losses."""
+    from raypatch.checkpoint import COMMITTED, find_latest
+    from raypatch.driver import fit, preflight
+
+    _, ref = reference
+    cfg = tiny(shards, tmp_path, "torn", "checkpoint.max_failures=0")
+    assert cfg.checkpoint.upload == "async"
+    monkeypatch.setenv("RAYPATCH_KILL_IN_UPLOAD", "8")
+    monkeypatch.setenv("RAYPATCH_KILL_RANK", "0")
+    with pytest.raises(Exception):  # noqa: B017 - Ray's worker-death error type varies by version
+        fit(cfg)
+    monkeypatch.delenv("RAYPATCH_KILL_IN_UPLOAD")
+    run = tmp_path / "torn"
+    torn = run / "checkpoint-0000008"
+    assert (torn / "meta.json").is_file() and not (torn / COMMITTED).exists()
+    latest = find_latest(run)
+    assert latest is not None and latest.name < torn.name and (latest / COMMITTED).is_file()
+    preflight(cfg)  # the torn directory is not the one checked
+    summary = fit(cfg)
+    assert trained_steps(run) == trained_steps(Path(ref["run_dir"]))
+    a, b = step_losses(run), step_losses(Path(ref["run_dir"]))
+    for s in a:
+        assert a[s] == pytest.approx(b[s], rel=1e-4, abs=1e-5), s
+    assert (Path(summary["checkpoint"]) / COMMITTED).is_file()
+    stalls = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["checkpoint/upload"] for r in stalls if r.get("event") == "checkpoint"][-1] == "async"
+
+
 def test_worker_killed_in_each_phase_recovers_exactly(reference, shards, ray_local, tmp_path, monkeypatch):
     """SIGKILL a worker once in the patch phase (step 6) and once in the token phase (step 22)."""
     from raypatch.driver import fit
@@ -248,9 +280,12 @@ def test_resume_with_another_model_shape_or_tokenizer_is_refused(reference, toke
     assert _snapshot(run) == before
 
 
-def test_batch_that_does_not_divide_across_workers():
-    with pytest.raises(ValueError, match="'optim.tokens_per_step': 256 does not divide across 3 workers"):
-        apply_overrides(presets.tiny(), ["scale.num_workers=3"])
+def test_batch_that_is_not_whole_rows_or_too_small_for_the_workers():
+    apply_overrides(presets.tiny(), ["scale.num_workers=3"])  # 8 and 4 rows over 3 workers: uneven, exact
+    with pytest.raises(ValueError, match="'optim.tokens_per_step': 250 is not a whole number of patch-phase rows"):
+        apply_overrides(presets.tiny(), ["optim.tokens_per_step=250"])
+    with pytest.raises(ValueError, match="make 4 patch-phase rows of 64 tokens per step, fewer than scale.num_w"):
+        apply_overrides(presets.tiny(), ["scale.num_workers=5"])
 
 
 def test_cli_errors_are_one_line(capsys):
