@@ -5,6 +5,7 @@
   lost workers with a fault-free one block by block.
 - Fault injection: RAYPATCH_KILL_AT_STEPS="6,22" and RAYPATCH_KILL_RANK=1 make that rank SIGKILL itself once
   after each listed global step (a marker file in the run directory keeps it to once).
+- RAYPATCH_STEP_DELAY_S=0.3 adds that much sleep to every step, so that a drill can place a resize in a phase.
 - RAYPATCH_KILL_IN_UPLOAD=8 (with RAYPATCH_KILL_RANK) makes that rank SIGKILL itself halfway through uploading
   checkpoint-0000008, on Ray Train's upload thread: meta.json and one state file are in storage, the rest never
   arrives (once per run directory too), after an earlier checkpoint was committed.
@@ -28,6 +29,9 @@ def after_step(run_dir: Path, *, record: bool, phase: str, step: int, global_ste
                                 "world": world_size, "pid": os.getpid(), "attempt": attempt, "t": time.time(),
                                 "blocks": blocks}) + "\n")
     maybe_inject_fault(run_dir, rank, global_step)
+    delay = float(os.environ.get("RAYPATCH_STEP_DELAY_S", "0") or 0)
+    if delay:  # drills: long enough steps that a resize lands where the drill means it to
+        time.sleep(delay)
 
 
 def maybe_inject_fault(run_dir: Path, rank: int, global_step: int) -> None:

@@ -48,6 +48,7 @@ from raypatch.optim import (
     zero_stage,
 )
 from raypatch.patching import flops_per_position
+from raypatch.preemption import describe, hand_over, install_sigterm_hook, sigterm_received
 from raypatch.safety import InputError, find_input_error
 from raypatch.shards import load_manifest, local_tokenizer, shards_id, tokenizer_dir
 
@@ -143,11 +144,15 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             set_lr(engine, phase_lr(cfg, plans, plan, state, step))
             step_t = time.perf_counter()
             blocks, error = forward_backward(engine, rows, plan, micro, cfg, w.device, window, log_loss)
-            error = first_error(error, w.device)
+            t_flags = time.perf_counter()
+            error, term = step_flags(error, w.device)
             if error:  # before the optimizer step: the bad batch never changes the weights
                 writer.close()
                 return {"error": error, "state": state.to_dict()}
+            t_opt = time.perf_counter()
             engine.step()
+            window.parts["flags"] += t_opt - t_flags
+            window.parts["optimizer"] += time.perf_counter() - t_opt
             state.advance(plan.phase, plan.k, tps, flops_per_pos * tps / plan.k, time.perf_counter() - step_t,
                           plan.blocks_per_step)
             window.tokens += tps
@@ -163,7 +168,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             since_tokens += tps
             do_ckpt = (checkpoint_due(cfg, state.global_step, since_tokens, last)
                        or checkpoint_minutes_due(cfg, since_t, w.device))
-            if not jit_saved and preemption_noticed(cfg, state, plan, planned_tokens, writer, w):
+            notice = None if jit_saved else preemption_noticed(cfg, state, plan, planned_tokens, writer, w)
+            if term and not jit_saved:
+                w.say(f"SIGTERM: saving a just-in-time checkpoint at step {state.global_step}")
+                writer.write(base_metrics(state, plan, planned_tokens) | {"event": "sigterm"})
+            if notice is not None or term:
                 do_ckpt = jit_saved = True
             t_extra = time.perf_counter()
             if eval_due(cfg.eval.every_steps, state.global_step, last):
@@ -182,6 +191,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 writer.write(base_metrics(state, plan, planned_tokens) | {
                     "event": "checkpoint", "checkpoint/stall_s": stall, "checkpoint/upload": cfg.checkpoint.upload})
             window.excluded += time.perf_counter() - t_extra  # throughput counts training, not eval or saving
+            if (notice is not None or term) and not (last and phase_index + 1 == len(plans)):
+                writer.close()
+                hand_over(state.global_step, "SIGTERM" if term else describe(notice), w.say,
+                          None if notice is None else notice.deadline_ms)
         if phase_index + 1 == len(plans):
             state.phase = len(plans)
 
@@ -201,6 +214,7 @@ def start_worker(cfg: Config, console: Any = None) -> Worker:
     import ray.train.torch
 
     quiet_worker_logs()
+    install_sigterm_hook()
     ctx = ray.train.get_context()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -279,7 +293,8 @@ def forward_backward(engine: Any, rows: StepRows, plan: PhasePlan, micro: list[t
     data error ('' when none: see StepRows)."""
     t = time.perf_counter()
     ids_all, blocks, error = rows.take(sum(m for m, _ in micro))
-    window.wait += time.perf_counter() - t
+    t_data = time.perf_counter()
+    window.wait += t_data - t
     mb = cfg.optim.micro_batch_size
     at = 0
     for i, (m, weight) in enumerate(micro):
@@ -293,6 +308,7 @@ def forward_backward(engine: Any, rows: StepRows, plan: PhasePlan, micro: list[t
         engine.backward(loss if weight == 1.0 else loss * weight)
         log_loss[0] += loss.detach().double() * (m / mb)  # a row-weighted mean; m / mb is 1.0 for full batches
         log_loss[1] += m / mb
+    window.parts["forward_backward"] += time.perf_counter() - t_data
     return blocks, error
 
 
@@ -338,17 +354,19 @@ class StepRows:
         return ids, trained, ""
 
 
-def first_error(error: str, device: Any) -> str:
-    """Collective: '' when no rank saw a data error in this step, else the lowest failing rank's message."""
+def step_flags(error: str, device: Any) -> tuple[str, bool]:
+    """Collective, once a step: ('' when no rank saw a data error in this step, else the lowest failing rank's
+    message; whether any rank got SIGTERM). One all-reduce carries both flags."""
     import torch.distributed as dist
 
-    flag = torch.tensor([1.0 if error else 0.0], device=device)
+    flag = torch.tensor([1.0 if error else 0.0, 1.0 if sigterm_received() else 0.0], device=device)
     dist.all_reduce(flag)
-    if flag.item() == 0:
-        return ""
+    term = bool(flag[1].item())
+    if flag[0].item() == 0:
+        return "", term
     errors: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
-    return next(e for e in errors if e)
+    return next(e for e in errors if e), term
 
 
 def base_metrics(state: TrainState, plan: PhasePlan, planned_tokens: int) -> dict[str, Any]:
@@ -429,19 +447,19 @@ def agree_preemption_interval(cfg: Config, w: Worker, global_step: int, seconds:
 
 
 def preemption_noticed(cfg: Config, state: TrainState, plan: PhasePlan, planned_tokens: int, writer: MetricsWriter,
-                       w: Worker) -> bool:
+                       w: Worker) -> Any:
     """Every checkpoint.preemption_check_every steps, ask Ray for a preemption notice (a barrier: every rank
-    asks at the same steps); on one, the caller saves a just-in-time checkpoint at this step boundary."""
+    asks at the same steps); on one (returned; else None), the caller saves a just-in-time checkpoint at this
+    step boundary and hands over (raypatch.preemption)."""
     import ray.train
 
     every = cfg.checkpoint.preemption_check_every or (w.preempt_every if cfg.checkpoint.preemption_check_seconds else 0)
     if not every or state.global_step % every:
-        return False
+        return None
     info = ray.train.get_preemption_info()
     if info is None:
-        return False
-    w.say(f"preemption notice (ranks {info.preempted_ranks}, deadline {info.deadline_ms}): "
-          f"saving a just-in-time checkpoint at step {state.global_step}")
+        return None
+    w.say(f"{describe(info)}: saving a just-in-time checkpoint at step {state.global_step}")
     writer.write(base_metrics(state, plan, planned_tokens) | {"event": "preemption", "ranks": info.preempted_ranks})
-    return True
+    return info
 

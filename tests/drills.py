@@ -21,7 +21,8 @@ import threading
 import time
 from pathlib import Path
 
-from helpers import blocks_by_step, records, registered  # tests/ is first on sys.path when this runs as a script
+# tests/ is first on sys.path when this runs as a script
+from helpers import blocks_by_step, records, redone_steps, registered
 
 
 def wait_for(pred, timeout: float, what: str) -> None:
@@ -135,8 +136,9 @@ def main(scenario: str, out_dir: str, shards: str) -> None:
         result["error"] = box.get("error")
         result["finished"] = "summary" in box
         result["blocks"] = blocks_by_step(run)
-        result["records"] = [{k: r[k] for k in ("rank", "world", "phase", "step", "global_step", "pid", "t")}
-                             for r in records(run)]
+        result["records"] = [{k: r[k] for k in ("rank", "world", "phase", "step", "global_step", "pid", "t",
+                                                "attempt")} for r in records(run)]
+        result["redone_steps"] = redone_steps(records(run))
         (out / "result.json").write_text(json.dumps(result))
         ray.shutdown()
         cluster.shutdown()

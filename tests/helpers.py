@@ -22,6 +22,15 @@ def blocks_by_step(run: Path) -> dict[str, list[int]]:
     return {k: sorted(v) for k, v in sorted(out.items())}
 
 
+def redone_steps(rows: list[dict]) -> list[int]:
+    """Global steps that more than one attempt (worker group) trained: work a fault made the run do twice."""
+    seen: dict[int, set[int]] = {}
+    for r in rows:
+        if r["rank"] == 0:
+            seen.setdefault(r["global_step"], set()).add(r["attempt"])
+    return sorted(s for s, attempts in seen.items() if len(attempts) > 1)
+
+
 def records(run: Path) -> list[dict]:
     rows = []
     for f in sorted(run.glob("blocks-rank*.jsonl")):
