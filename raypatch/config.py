@@ -200,6 +200,8 @@ class ScaleConfig:
     """Training precision: bf16 or fp32 (fp16 is refused on CPU)."""
     zero3_persistence_threshold: int = 100_000
     """ZeRO-3 keeps parameters with fewer elements whole on every rank (0 partitions everything)."""
+    overlap_allreduce: bool = True
+    """Without ZeRO in fp32: all-reduce gradient buckets during the last backward (as torch DDP does)."""
 
     def __post_init__(self) -> None:
         _positive(self, "scale", "num_workers", "cpus_per_worker")

@@ -16,11 +16,13 @@ resumed run redoes no optimizer step:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 _TERM: list[float] = []
@@ -44,7 +46,36 @@ def install_sigterm_hook() -> bool:
 
 
 def _install() -> None:
-    signal.signal(signal.SIGTERM, lambda signum, frame: _TERM.append(time.time()))
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def note(signum: int, frame: Any) -> None:
+        # Only while a training loop runs, and only the first time: otherwise (set-up, teardown, a second
+        # SIGTERM) the process ends as Ray's own handler would end it.
+        if not _ACTIVE or _TERM:
+            if callable(previous):
+                previous(signum, frame)
+            raise SystemExit(1)
+        _TERM.append(time.time())
+        # A loop stuck in a collective (a peer already gone) never reaches the step boundary: end anyway.
+        threading.Timer(TERM_GRACE_S, lambda: os._exit(1)).start()
+
+    signal.signal(signal.SIGTERM, note)
+
+
+_ACTIVE: list[bool] = []
+"""Non-empty while this process runs a training loop (`training`)."""
+TERM_GRACE_S = 300.0
+"""After SIGTERM, the most a worker waits for its hand-over before it exits regardless."""
+
+
+@contextlib.contextmanager
+def training() -> Iterator[None]:
+    """While the loop runs, SIGTERM is noted and handed over; outside, it ends the process as usual."""
+    _ACTIVE.append(True)
+    try:
+        yield
+    finally:
+        _ACTIVE.clear()
 
 
 def sigterm_received() -> bool:

@@ -47,8 +47,9 @@ from raypatch.optim import (
     step_split,
     zero_stage,
 )
+from raypatch.overlap import OverlappedAllReduce
 from raypatch.patching import flops_per_position
-from raypatch.preemption import describe, hand_over, install_sigterm_hook, sigterm_received
+from raypatch.preemption import describe, hand_over, install_sigterm_hook, sigterm_received, training
 from raypatch.safety import InputError, find_input_error
 from raypatch.shards import load_manifest, local_tokenizer, shards_id, tokenizer_dir
 
@@ -86,7 +87,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     changed after the driver's checks) ends the run with its one-line message instead of a traceback that
     Ray would retry; `fit` raises it on the driver."""
     try:
-        return train_loop(config)
+        with training():  # SIGTERM during the loop hands over at the next step (raypatch.preemption)
+            return train_loop(config)
     except InputError as e:
         return {"error": str(e)}
 
@@ -114,6 +116,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         if resume.dir is not None:
             plan = plans[min(state.phase, len(plans) - 1)]
             w.say(f"resumed from {resume.where}: {plan.phase} phase, step {state.step_in_phase}/{plan.num_steps}")
+    # Without ZeRO in fp32, the gradient all-reduce runs during the last backward (raypatch.overlap).
+    overlap = (OverlappedAllReduce(engine) if stage == 0 and w.world_size > 1 and cfg.scale.precision == "fp32"
+               and cfg.scale.overlap_allreduce else None)
     w.say(f"{w.world_size} worker(s) ready: {n_params:,} parameters, DeepSpeed {stage_name(stage)} "
           f"{cfg.scale.precision} on {w.device.type}; training")
     val_sets = evaluation_sets(cfg, manifest, w.world_size)
@@ -143,13 +148,15 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         for step in range(state.step_in_phase, plan.num_steps):
             set_lr(engine, phase_lr(cfg, plans, plan, state, step))
             step_t = time.perf_counter()
-            blocks, error = forward_backward(engine, rows, plan, micro, cfg, w.device, window, log_loss)
+            blocks, error = forward_backward(engine, rows, plan, micro, cfg, w.device, window, log_loss, overlap)
             t_flags = time.perf_counter()
             error, term = step_flags(error, w.device)
             if error:  # before the optimizer step: the bad batch never changes the weights
                 writer.close()
                 return {"error": error, "state": state.to_dict()}
             t_opt = time.perf_counter()
+            if overlap is not None:
+                overlap.finish()
             engine.step()
             window.parts["flags"] += t_opt - t_flags
             window.parts["optimizer"] += time.perf_counter() - t_opt
@@ -287,7 +294,8 @@ def phase_lr(cfg: Config, plans: list[PhasePlan], plan: PhasePlan, state: TrainS
 
 
 def forward_backward(engine: Any, rows: StepRows, plan: PhasePlan, micro: list[tuple[int, float]], cfg: Config,
-                     device: Any, window: ThroughputWindow, log_loss: torch.Tensor) -> tuple[list[int], str]:
+                     device: Any, window: ThroughputWindow, log_loss: torch.Tensor,
+                     overlap: OverlappedAllReduce | None = None) -> tuple[list[int], str]:
     """One optimizer step: this rank's rows of the step through forward and backward, in the micro-batches
     `micro` lists ((rows, loss weight) each: optim.step_split); returns the blocks trained and this rank's
     data error ('' when none: see StepRows)."""
@@ -304,6 +312,8 @@ def forward_backward(engine: Any, rows: StepRows, plan: PhasePlan, micro: list[t
         at += m
         ids = torch.from_numpy(batch.astype(np.int64)).to(device)  # (m, block_tokens)
         engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
+        if overlap is not None:
+            overlap.arm(i == len(micro) - 1)
         loss = engine(ids, plan.k)
         engine.backward(loss if weight == 1.0 else loss * weight)
         log_loss[0] += loss.detach().double() * (m / mb)  # a row-weighted mean; m / mb is 1.0 for full batches

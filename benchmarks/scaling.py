@@ -1,0 +1,135 @@
+"""raypatch at 1, 2, 4 and 8 workers, and 2 workers against torch DDP's bound, in one run on one machine.
+
+    python benchmarks/scaling.py [--repeats 2]
+
+- The bound: benchmarks/ddp_bound.py's 2-process torch DDP loop (gloo, one thread a process, the demo model, 4,096
+  tokens a step in micro-batches of 4 rows, fused AdamW, no Ray, no DeepSpeed), measured between raypatch's
+  2-worker runs (with the overlapped all-reduce, the default, and with scale.overlap_allreduce=false) in
+  ABC/CBA order, so that all see the same machine state. Ratio: raypatch 2 workers ÷ DDP 2 processes, per phase
+  (issue 23 asks >= 0.97).
+- The table: raypatch's demo run (no ZeRO at this size in fp32, K=4, λ=2/3, one-thread CPU workers) at 1, 2, 4 and
+  8 workers, tokens per step fixed: tokens/s per phase, data-wait, and the step's parts (forward+backward, the
+  step's flag all-reduce, engine.step with its gradient all-reduce) as shares of training time, from rank 0's log
+  rows (each phase's first row, start-up, left out). This machine has 2 cores: 4 and 8 workers time-share them, so
+  the table shows what more workers cost in overhead, not a speedup.
+
+Writes benchmarks/results/scaling.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+sys.path.insert(0, str(C.ROOT))
+PARTS = ("data_wait", "forward_backward", "flags", "optimizer")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=2, help="ABBA repeats of raypatch-2 against DDP-2")
+    ap.add_argument("--steps", type=int, default=48, help="optimizer steps per raypatch run (2/3 patch, 1/3 token)")
+    ap.add_argument("--workers", default="1,2,4,8", help="worker counts for the table")
+    ap.add_argument("--out", default=str(C.RESULTS / "scaling"))
+    return ap.parse_args(argv)
+
+
+def raypatch_run(base: Any, shards: str, workers: int, steps: int, storage: Path, name: str,
+                 *extra: str) -> dict[str, Any]:
+    from raypatch.config import apply_overrides
+    from raypatch.driver import fit
+    from raypatch.metrics import read_metrics
+
+    cfg = apply_overrides(base, [f"data.shards={shards}", f"scale.num_workers={workers}", "compare_baseline=false",
+                                 f"data.max_tokens={steps * base.optim.tokens_per_step}", "log_every=4",
+                                 "eval.every_steps=0", "eval.wikitext=", "eval.max_rows=8",
+                                 "checkpoint.every_steps=0", f"checkpoint.storage_path={storage}",
+                                 f"checkpoint.name={name}", "checkpoint.keep=1", *extra])
+    s = fit(cfg, export=False)
+    rows = [r for r in read_metrics(Path(s["run_dir"]) / "metrics.jsonl") if "perf/tokens_per_s" in r]
+    out: dict[str, Any] = {}
+    for phase in ("patch", "token"):
+        rs = [r for r in rows if r["phase"] == phase][1:]
+        out[phase] = {"tokens_per_s": statistics.mean(r["perf/tokens_per_s"] for r in rs),
+                      **{p: statistics.mean(r[f"perf/{p}"] for r in rs) for p in PARTS}}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import ddp_bound
+
+    from raypatch.presets import PRESETS
+
+    t0 = time.perf_counter()
+    load = C.LoadTracker()
+    counts = [int(x) for x in args.workers.split(",")]
+    C.start_ray(max(counts) + 2)  # one-CPU workers plus room for Ray Data's reads
+    base = PRESETS["demo"]()
+    shards = C.shards(base.model.vocab_size)
+    work = Path(tempfile.mkdtemp(prefix="scaling-"))
+    pair: dict[str, list[dict[str, float]]] = {"raypatch": [], "raypatch, all-reduce after backward": [],
+                                               "ddp": []}
+    table: dict[int, list[dict[str, Any]]] = {w: [] for w in counts}
+    try:
+        for rep in range(args.repeats):
+            for i, arm in enumerate(list(pair) if rep % 2 == 0 else list(pair)[::-1]):
+                if arm == "ddp":
+                    rates = ddp_bound.measure(2, 4, 4)
+                    pair["ddp"].append({"token": statistics.median(rates[1]), "patch": statistics.median(rates[4])})
+                    continue
+                extra = [] if arm == "raypatch" else ["scale.overlap_allreduce=false"]
+                r = raypatch_run(base, shards, 2, args.steps, work, f"pair-{rep}-{i}", *extra)
+                pair[arm].append({ph: r[ph]["tokens_per_s"] for ph in ("patch", "token")})
+                if arm == "raypatch":
+                    table[2].append(r)
+                print(f"[pair {rep + 1}] {arm}: {pair[arm][-1]}", flush=True)
+                load.mark(f"{arm} {rep + 1}")
+        for w in counts:
+            if w == 2:
+                continue  # the pair's runs
+            table[w].append(raypatch_run(base, shards, w, args.steps, work, f"w{w}"))
+            print(f"[table] {w} workers: {table[w][-1]}", flush=True)
+            load.mark(f"{w} workers")
+    finally:
+        import ray
+
+        ray.shutdown()
+
+    ratio = {ph: statistics.mean(r[ph] for r in pair["raypatch"]) / statistics.mean(r[ph] for r in pair["ddp"])
+             for ph in ("patch", "token")}
+    names = {"raypatch": "raypatch, 2 workers", "raypatch, all-reduce after backward":
+             "raypatch, 2 workers, scale.overlap_allreduce=false", "ddp": "torch DDP, 2 processes"}
+    prow = [[names[arm], *(f"{statistics.mean(r[ph] for r in rs):,.0f}" for ph in ("token", "patch"))]
+            for arm, rs in pair.items()]
+    prow.append(["raypatch ÷ DDP (≥ 0.97)", f"{ratio['token']:.3f}", f"{ratio['patch']:.3f}"])
+    trow = []
+    for w in counts:
+        for ph in ("patch", "token"):
+            m = {k: statistics.mean(r[ph][k] for r in table[w]) for k in ("tokens_per_s", *PARTS)}
+            other = 1 - sum(m[p] for p in PARTS)
+            trow.append([w, ph, f"{m['tokens_per_s']:,.0f}", *(f"{100 * m[p]:.1f} %" for p in PARTS),
+                         f"{100 * other:.1f} %"])
+    tables = (f"Demo model (K=4 patch phase, token phase), 4,096 tokens a step, one-thread CPU workers. Pair: "
+              f"{args.repeats} repeat(s) in ABC/CBA order, mean tokens/s per phase.\n\n"
+              + C.md_table(["setup", "token phase tok/s", "patch phase tok/s"], prow)
+              + "\n\nraypatch by worker count (2 cores: more than 2 workers time-share them); shares of training "
+              "time, rank 0\n\n"
+              + C.md_table(["workers", "phase", "tokens/s", "data-wait", "forward+backward", "step flags",
+                            "engine.step", "other"], trow))
+    print("\n" + tables)
+    result = {"machine": C.machine(), "load": load.summary(), "wall_s": time.perf_counter() - t0,
+              "args": vars(args), "pair": pair, "ratio": ratio, "table": {str(k): v for k, v in table.items()}}
+    C.write_outputs(Path(args.out), result, tables)
+
+
+if __name__ == "__main__":
+    main()
