@@ -4,7 +4,8 @@
   <run>/blocks-rank<r>.jsonl, with the attempt (worker group) that trained it, so a test can compare a run that
   lost workers with a fault-free one block by block.
 - Fault injection: RAYPATCH_KILL_AT_STEPS="6,22" and RAYPATCH_KILL_RANK=1 make that rank SIGKILL itself once
-  after each listed global step (a marker file in the run directory keeps it to once).
+  after each listed global step, once every checkpoint reported before has been committed (a marker file in the
+  run directory keeps it to once).
 - RAYPATCH_STEP_DELAY_S=0.3 adds that much sleep to every step, so that a drill can place a resize in a phase.
 - RAYPATCH_KILL_IN_UPLOAD=8 (with RAYPATCH_KILL_RANK) makes that rank SIGKILL itself halfway through uploading
   checkpoint-0000008, on Ray Train's upload thread: meta.json and one state file are in storage, the rest never
@@ -42,6 +43,11 @@ def maybe_inject_fault(run_dir: Path, rank: int, global_step: int) -> None:
         marker = run_dir / f".killed-at-{global_step}"
         if not marker.exists():
             marker.touch()
+            # Every checkpoint reported so far committed first (uploads run in the background): the drill is "a
+            # worker lost after its last checkpoint", so where the run resumes does not depend on timing.
+            from raypatch.preemption import wait_until_committed
+
+            wait_until_committed()
             os.kill(os.getpid(), signal.SIGKILL)
 
 
