@@ -67,6 +67,21 @@ def deepspeed_config(cfg: Config, grad_accum: int, world_size: int, num_params: 
     }
 
 
+def restore_weight_decay(engine: Any, weight_decay: float) -> list[str]:
+    """Set each optimizer group's weight decay back to what `param_groups` gave it; returns what was wrong.
+
+    DeepSpeed 0.19's ZeRO-3 universal-checkpoint loader copies the first parameter group's hyper-parameters onto
+    every group (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3), so after a resize norms and
+    biases would be decayed like matrices. Found by the 8-worker drills: the first step after the resize matched
+    the fault-free run, the second did not."""
+    fixed = []
+    for i, (group, want) in enumerate(zip(engine.optimizer.param_groups, (weight_decay, 0.0))):
+        if group.get("weight_decay") != want:
+            fixed.append(f"group {i}: {group.get('weight_decay')} -> {want}")
+            group["weight_decay"] = want
+    return fixed
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices and embeddings; not norms and biases (as HF Trainer does in the reference)."""
     decay, no_decay = [], []

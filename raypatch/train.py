@@ -40,6 +40,7 @@ from raypatch.optim import (
     grad_accum_steps,
     lr_at,
     param_groups,
+    restore_weight_decay,
     set_lr,
     split_note,
     stage_name,
@@ -113,6 +114,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             w.say(f"resuming with DeepSpeed {stage_name(stage)}, as this run's checkpoint was written (the config "
                   f"asks for {stage_name(zero_stage(cfg, n_params))}; a new checkpoint.name starts a run with it)")
         resume.load_into(engine, w.rank)
+        if resume.dir is not None and (fixed := restore_weight_decay(engine, cfg.optim.weight_decay)):
+            w.say(f"restored the optimizer's weight decay after DeepSpeed's checkpoint load ({'; '.join(fixed)})")
         if resume.dir is not None:
             plan = plans[min(state.phase, len(plans) - 1)]
             w.say(f"resumed from {resume.where}: {plan.phase} phase, step {state.step_in_phase}/{plan.num_steps}")
