@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
                 if arm == "ddp":
                     rates = ddp_bound.measure(2, 4, 4)
                     pair["ddp"].append({"token": statistics.median(rates[1]), "patch": statistics.median(rates[4])})
+                    print(f"[pair {rep + 1}] ddp: {pair['ddp'][-1]}", flush=True)
                     continue
                 extra = [] if arm == "raypatch" else ["scale.overlap_allreduce=false"]
                 r = raypatch_run(base, shards, 2, args.steps, work, f"pair-{rep}-{i}", *extra)

@@ -113,8 +113,14 @@ def test_stopped_run_resumes_on_four(drill, stage):
 
 
 def write_results(rows: list[dict]) -> None:
+    """Merge this session's rows into the committed ones (a rerun of one stage replaces that stage's rows)."""
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "elastic8.json").write_text(json.dumps(rows, indent=1) + "\n")
+    path = RESULTS / "elastic8.json"
+    new = {(r["scenario"], r["stage"]) for r in rows}
+    old = [r for r in (json.loads(path.read_text()) if path.exists() else []) if (r["scenario"], r["stage"]) not in new]
+    order = {"patch": 0, "switch": 1, "resume4": 2}
+    rows = sorted(old + rows, key=lambda r: (order[r["scenario"]], r["stage"]))
+    path.write_text(json.dumps(rows, indent=1) + "\n")
     lines = ["# 8-worker elastic drills (tests/test_elastic8.py)", "",
              "CPU, tiny preset (2048 tokens a step), one-thread workers on a local 3-node Ray cluster (2 cores).",
              "Loss differences are the largest per-step |loss - fault-free 8-worker loss|; the bound is twice the",
