@@ -57,7 +57,9 @@ def _install() -> None:
             raise SystemExit(1)
         _TERM.append(time.time())
         # A loop stuck in a collective (a peer already gone) never reaches the step boundary: end anyway.
-        threading.Timer(TERM_GRACE_S, lambda: os._exit(1)).start()
+        timer = threading.Timer(TERM_GRACE_S, lambda: os._exit(1))
+        timer.daemon = True  # never what keeps a finished worker alive
+        timer.start()
 
     signal.signal(signal.SIGTERM, note)
 
