@@ -237,6 +237,8 @@ class CheckpointConfig:
     """Ask Ray for a preemption notice every N steps (a barrier, 1-2 ms); 0 = every preemption_check_seconds."""
     preemption_check_seconds: float = 10.0
     """With preemption_check_every=0: ask about this often (steps agreed at each log line); 0 = never ask."""
+    sigterm_grace_s: float = 0.0
+    """> 0: a worker that gets SIGTERM saves a checkpoint at the next step and hands over within this time."""
     keep: int = 3
     """Checkpoints kept on storage."""
     upload: str = "async"
@@ -254,6 +256,8 @@ class CheckpointConfig:
             _fail("checkpoint.storage_path", "empty (a local directory or an s3:// URI)")
         if self.every_steps < 0 or self.keep < 1 or self.every_tokens < 0 or self.every_minutes < 0:
             _fail("checkpoint", "every_steps, every_tokens and every_minutes must be >= 0 and keep >= 1")
+        if not 0 <= self.sigterm_grace_s < float("inf"):
+            _fail("checkpoint.sigterm_grace_s", f"must be a number >= 0, got {self.sigterm_grace_s}")
         if self.upload not in ("async", "sync"):
             _fail("checkpoint.upload", f"must be 'async' or 'sync', got {self.upload!r}")
         if self.preemption_check_every < 0:

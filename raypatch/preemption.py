@@ -7,11 +7,14 @@ resumed run redoes no optimizer step:
   committed, then stops training and waits. Ray Train restarts the worker group from that checkpoint when the
   node goes or its deadline passes (Ray's own advice is to keep training, but every step trained after the
   checkpoint would be trained again after the restart; waiting costs the same wall-clock and no compute).
-- SIGTERM (Kubernetes evicting a pod, a VM shutting down, `kill`): Ray's own handler would end the worker at
-  once and lose every step since the last checkpoint. `install_sigterm_hook` replaces it with one that only
-  takes note; every rank learns of it in the step's flag all-reduce (train.step_flags, no extra collective),
-  the checkpoint is saved and committed, then the signalled ranks exit (status 1, as Ray's handler would) and
-  the others wait for Ray Train to restart the group.
+- SIGTERM (Kubernetes evicting a pod, a VM shutting down, `kill`), with checkpoint.sigterm_grace_s > 0: Ray's own
+  handler would end the worker at once and lose every step since the last checkpoint. `install_sigterm_hook`
+  replaces it with one that only takes note (and ends the worker after the grace period whatever happens); every
+  rank learns of it in the step's flag all-reduce (train.step_flags, no extra collective), the checkpoint is
+  saved and committed, then the signalled ranks exit (status 1, as Ray's handler would) and the others wait for
+  Ray Train to restart the group. Off by default: when a whole local cluster shuts down (its driver killed), the
+  raylet sends SIGTERM to the workers too, and a worker that waits out a hand-over that can no longer happen
+  keeps the cluster's processes alive that long (tests/test_console.py caught it).
 """
 
 from __future__ import annotations
@@ -31,21 +34,25 @@ IDLE_LIMIT_S = 600.0
 """After a handover, how long a rank waits for Ray Train to end it before it gives up with an error."""
 
 
-def install_sigterm_hook() -> bool:
-    """Note SIGTERM instead of exiting, in this Ray Train worker. Python installs signal handlers only from the
-    main thread, and the training loop runs on another: the worker actor's main thread installs it (an actor task
-    through the actor's own handle). False when that is not possible (not in an actor)."""
+def install_sigterm_hook(grace_s: float) -> bool:
+    """Note SIGTERM instead of exiting, in this Ray Train worker, for at most `grace_s` seconds
+    (checkpoint.sigterm_grace_s; 0: not installed, SIGTERM ends the worker at once as Ray's handler does). Python
+    installs signal handlers only from the main thread, and the training loop runs on another: the worker actor's
+    main thread installs it (an actor task through the actor's own handle). False when that is not possible (not in
+    an actor)."""
     import ray
 
+    if grace_s <= 0:
+        return False
     try:
         actor = ray.get_runtime_context().current_actor
-        ray.get(actor.execute.remote(_install), timeout=30)
+        ray.get(actor.execute.remote(_install, grace_s), timeout=30)
         return True
     except Exception:  # noqa: BLE001 - outside an actor, or an actor without execute: SIGTERM keeps Ray's meaning
         return False
 
 
-def _install() -> None:
+def _install(grace_s: float) -> None:
     previous = signal.getsignal(signal.SIGTERM)
 
     def note(signum: int, frame: Any) -> None:
@@ -57,7 +64,7 @@ def _install() -> None:
             raise SystemExit(1)
         _TERM.append(time.time())
         # A loop stuck in a collective (a peer already gone) never reaches the step boundary: end anyway.
-        timer = threading.Timer(TERM_GRACE_S, lambda: os._exit(1))
+        timer = threading.Timer(grace_s, lambda: os._exit(1))
         timer.daemon = True  # never what keeps a finished worker alive
         timer.start()
 
@@ -66,8 +73,6 @@ def _install() -> None:
 
 _ACTIVE: list[bool] = []
 """Non-empty while this process runs a training loop (`training`)."""
-TERM_GRACE_S = 300.0
-"""After SIGTERM, the most a worker waits for its hand-over before it exits regardless."""
 
 
 @contextlib.contextmanager

@@ -224,7 +224,7 @@ def start_worker(cfg: Config, console: Any = None) -> Worker:
     import ray.train.torch
 
     quiet_worker_logs()
-    install_sigterm_hook()
+    install_sigterm_hook(cfg.checkpoint.sigterm_grace_s)
     ctx = ray.train.get_context()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)

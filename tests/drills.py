@@ -60,7 +60,8 @@ def main(scenario: str, out_dir: str, shards: str) -> None:
         "data.record_blocks=true", "data.max_tokens=65536", "checkpoint.every_steps=8", "checkpoint.keep=4",
         "checkpoint.max_failures=3", "scale.worker_resources=slot=1", "scale.cpus_per_worker=0.5",
         "scale.resize_check_s=5", f"scale.min_workers={1 if elastic else 0}", "eval.max_rows=4", "log_every=8",
-        "checkpoint.preemption_check_every=1"])  # the drill sends the notice mid-run: ask at every step
+        # The drill sends the notice mid-run: ask at every step. SIGTERM hands over (off by default).
+        "checkpoint.preemption_check_every=1", "checkpoint.sigterm_grace_s=120"])
     run = out / scenario
     result: dict = {"scenario": scenario, "events": []}
     box: dict = {}
