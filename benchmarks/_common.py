@@ -73,6 +73,59 @@ class LoadTracker:
         return f"1-minute load average {min(vals):.1f}–{max(vals):.1f} ({marks})"
 
 
+class CpuSampler:
+    """Where the machine's CPU time goes while a run trains: every second, each process's CPU seconds, split into
+    the trainers (processes whose command line contains `trainer`) and everything else. Only seconds in which the
+    trainers used at least 3/4 of the cores count (start-up and shut-down are left out). `shares()` gives both
+    as fractions of the machine's CPU time in those seconds."""
+
+    def __init__(self, trainer: str, period_s: float = 1.0) -> None:
+        import threading
+
+        self.trainer, self.period = trainer, period_s
+        self.intervals: list[tuple[float, float, float]] = []  # (seconds, trainers' CPU s, others' CPU s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _snap(self) -> dict[int, tuple[bool, float]]:
+        import psutil
+
+        out = {}
+        for p in psutil.process_iter():
+            try:
+                t = p.cpu_times()
+                out[p.pid] = (self.trainer in " ".join(p.cmdline()), t.user + t.system)
+            except (psutil.Error, OSError):
+                pass
+        return out
+
+    def _run(self) -> None:
+        prev, t_prev = self._snap(), time.perf_counter()
+        while not self._stop.wait(self.period):
+            cur, t = self._snap(), time.perf_counter()
+            d = {pid: (tr, c - prev[pid][1]) for pid, (tr, c) in cur.items() if pid in prev}
+            self.intervals.append((t - t_prev, sum(c for tr, c in d.values() if tr),
+                                   sum(c for tr, c in d.values() if not tr)))
+            prev, t_prev = cur, t
+
+    def shares(self) -> dict[str, float]:
+        cores = os.cpu_count() or 1
+        busy = [iv for iv in self.intervals if iv[1] >= 0.75 * cores * iv[0]]
+        total = sum(iv[0] for iv in busy) * cores
+        if not total:
+            return {"trainers": float("nan"), "others": float("nan"), "seconds": 0.0}
+        return {"trainers": sum(iv[1] for iv in busy) / total, "others": sum(iv[2] for iv in busy) / total,
+                "seconds": sum(iv[0] for iv in busy)}
+
+
 def command_line() -> str:
     """The exact command that produced a result file, as one shell line."""
     args = [shlex.quote(a) for a in sys.argv[1:]]

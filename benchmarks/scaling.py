@@ -8,10 +8,12 @@
   ABC/CBA order, so that all see the same machine state. Ratio: raypatch 2 workers ÷ DDP 2 processes, per phase
   (issue 23 asks >= 0.97).
 - The table: raypatch's demo run (no ZeRO at this size in fp32, K=4, λ=2/3, one-thread CPU workers) at 1, 2, 4 and
-  8 workers, tokens per step fixed: tokens/s per phase, data-wait, and the step's parts (forward+backward, the
-  step's flag all-reduce, engine.step with its gradient all-reduce) as shares of training time, from rank 0's log
-  rows (each phase's first row, start-up, left out). This machine has 2 cores: 4 and 8 workers time-share them, so
-  the table shows what more workers cost in overhead, not a speedup.
+  8 workers, tokens per step fixed: tokens/s per phase, data-wait, and the step's parts (forward+backward; the
+  step's flags: from 2 workers on the wait for the overlapped gradient all-reduce that carries them, and the
+  clipping; engine.step: the optimizer) as shares of training time, and the training thread's CPU share, from
+  rank 0's log rows (each phase's first row, start-up, left out). The pair also says where the machine's CPU went.
+  This machine has 2 cores: 4 and 8 workers time-share them, so the table
+  shows what more workers cost in overhead, not a speedup.
 
 Writes benchmarks/results/scaling.{json,md}.
 """
@@ -31,6 +33,7 @@ import _common as C  # noqa: E402
 
 sys.path.insert(0, str(C.ROOT))
 PARTS = ("data_wait", "forward_backward", "flags", "optimizer")
+EXTRA = ("cpu_share",)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,7 +62,7 @@ def raypatch_run(base: Any, shards: str, workers: int, steps: int, storage: Path
     for phase in ("patch", "token"):
         rs = [r for r in rows if r["phase"] == phase][1:]
         out[phase] = {"tokens_per_s": statistics.mean(r["perf/tokens_per_s"] for r in rs),
-                      **{p: statistics.mean(r[f"perf/{p}"] for r in rs) for p in PARTS}}
+                      **{p: statistics.mean(r[f"perf/{p}"] for r in rs) for p in PARTS + EXTRA}}
     return out
 
 
@@ -83,13 +86,16 @@ def main(argv: list[str] | None = None) -> None:
         for rep in range(args.repeats):
             for i, arm in enumerate(list(pair) if rep % 2 == 0 else list(pair)[::-1]):
                 if arm == "ddp":
-                    rates = ddp_bound.measure(2, 4, 4)
-                    pair["ddp"].append({"token": statistics.median(rates[1]), "patch": statistics.median(rates[4])})
+                    with C.CpuSampler("spawn_main") as cpu:
+                        rates = ddp_bound.measure(2, 4, 4)
+                    pair["ddp"].append({"token": statistics.median(rates[1]), "patch": statistics.median(rates[4]),
+                                        "cpu": cpu.shares()})
                     print(f"[pair {rep + 1}] ddp: {pair['ddp'][-1]}", flush=True)
                     continue
                 extra = [] if arm == "raypatch" else ["scale.overlap_allreduce=false"]
-                r = raypatch_run(base, shards, 2, args.steps, work, f"pair-{rep}-{i}", *extra)
-                pair[arm].append({ph: r[ph]["tokens_per_s"] for ph in ("patch", "token")})
+                with C.CpuSampler("RayTrainWorker") as cpu:
+                    r = raypatch_run(base, shards, 2, args.steps, work, f"pair-{rep}-{i}", *extra)
+                pair[arm].append({**{ph: r[ph]["tokens_per_s"] for ph in ("patch", "token")}, "cpu": cpu.shares()})
                 if arm == "raypatch":
                     table[2].append(r)
                 print(f"[pair {rep + 1}] {arm}: {pair[arm][-1]}", flush=True)
@@ -109,23 +115,30 @@ def main(argv: list[str] | None = None) -> None:
              for ph in ("patch", "token")}
     names = {"raypatch": "raypatch, 2 workers", "raypatch, all-reduce after backward":
              "raypatch, 2 workers, scale.overlap_allreduce=false", "ddp": "torch DDP, 2 processes"}
-    prow = [[names[arm], *(f"{statistics.mean(r[ph] for r in rs):,.0f}" for ph in ("token", "patch"))]
+    prow = [[names[arm], *(f"{statistics.mean(r[ph] for r in rs):,.0f}" for ph in ("token", "patch")),
+             *(f"{100 * statistics.mean(r['cpu'][who] for r in rs):.1f} %" for who in ("trainers", "others"))]
             for arm, rs in pair.items()]
-    prow.append(["raypatch ÷ DDP (≥ 0.97)", f"{ratio['token']:.3f}", f"{ratio['patch']:.3f}"])
+    prow.append(["raypatch ÷ DDP (≥ 0.97)", f"{ratio['token']:.3f}", f"{ratio['patch']:.3f}", "", ""])
     trow = []
     for w in counts:
         for ph in ("patch", "token"):
             m = {k: statistics.mean(r[ph][k] for r in table[w]) for k in ("tokens_per_s", *PARTS)}
             other = 1 - sum(m[p] for p in PARTS)
             trow.append([w, ph, f"{m['tokens_per_s']:,.0f}", *(f"{100 * m[p]:.1f} %" for p in PARTS),
-                         f"{100 * other:.1f} %"])
+                         f"{100 * other:.1f} %", f"{statistics.mean(r[ph]['cpu_share'] for r in table[w]):.2f}"])
     tables = (f"Demo model (K=4 patch phase, token phase), 4,096 tokens a step, one-thread CPU workers. Pair: "
               f"{args.repeats} repeat(s) in ABC/CBA order, mean tokens/s per phase.\n\n"
-              + C.md_table(["setup", "token phase tok/s", "patch phase tok/s"], prow)
+              + C.md_table(["setup", "token phase tok/s", "patch phase tok/s", "CPU: the 2 trainers",
+                            "CPU: all other processes"], prow)
+              + "\n\nCPU: shares of the machine's CPU time (2 cores) in the seconds the trainers used at least 3/4 "
+              "of it (benchmarks/_common.CpuSampler), the rest idle. raypatch's other processes are Ray's: "
+              "the Train controller and its helper actors, Ray Data's, GCS, raylet, dashboard."
               + "\n\nraypatch by worker count (2 cores: more than 2 workers time-share them); shares of training "
               "time, rank 0\n\n"
-              + C.md_table(["workers", "phase", "tokens/s", "data-wait", "forward+backward", "step flags",
-                            "engine.step", "other"], trow))
+              + C.md_table(["workers", "phase", "tokens/s", "data-wait", "forward+backward", "flags, all-reduce",
+                            "engine.step", "other", "on CPU"], trow)
+              + "\n\non CPU: the training thread's CPU time ÷ training time (perf/cpu_share): below 1 it waited "
+              "(collectives, data) or other processes had its core.")
     print("\n" + tables)
     result = {"machine": C.machine(), "load": load.summary(), "wall_s": time.perf_counter() - t0,
               "args": vars(args), "pair": pair, "ratio": ratio, "table": {str(k): v for k, v in table.items()}}

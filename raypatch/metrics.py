@@ -154,14 +154,23 @@ class ThroughputWindow:
 
     def reset(self) -> None:
         self.t0, self.wait, self.tokens, self.excluded = time.perf_counter(), 0.0, 0, 0.0
+        self.cpu0, self.excluded_cpu = time.thread_time(), 0.0
         # Host-side seconds of the step's parts (on a GPU, kernels still running are counted where the host waits).
         self.parts = {"forward_backward": 0.0, "flags": 0.0, "optimizer": 0.0}
+
+    def exclude(self, wall_since: float, cpu_since: float) -> None:
+        """Leave the time since perf_counter() = wall_since and thread_time() = cpu_since out of the window."""
+        self.excluded += time.perf_counter() - wall_since
+        self.excluded_cpu += time.thread_time() - cpu_since
 
     def rates(self, k: int) -> dict[str, float]:
         """perf/* metrics of the window for a phase of patch size k; then starts a new window."""
         dt = time.perf_counter() - self.t0 - self.excluded
         out = {"perf/tokens_per_s": self.tokens / dt, "perf/positions_per_s": self.tokens / k / dt,
-               "perf/data_wait": self.wait / dt, **{f"perf/{part}": s / dt for part, s in self.parts.items()}}
+               "perf/data_wait": self.wait / dt, **{f"perf/{part}": s / dt for part, s in self.parts.items()},
+               # The training thread's CPU time over the window's: on a CPU run, well below 1 means other processes
+               # or threads took this worker's core (on a GPU, the host also waits for kernels).
+               "perf/cpu_share": (time.thread_time() - self.cpu0 - self.excluded_cpu) / dt}
         if self.peak:  # GPUs only: see peak_flops
             out["perf/mfu"] = self.tokens / k * self.flops_per_position / dt / self.peak
         self.reset()

@@ -48,7 +48,7 @@ from raypatch.optim import (
     step_split,
     zero_stage,
 )
-from raypatch.overlap import OverlappedAllReduce
+from raypatch.overlap import OverlappedAllReduce, deepspeed_clipping, overlapped
 from raypatch.patching import flops_per_position
 from raypatch.preemption import describe, hand_over, install_sigterm_hook, sigterm_received, training
 from raypatch.safety import InputError, find_input_error
@@ -120,8 +120,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             plan = plans[min(state.phase, len(plans) - 1)]
             w.say(f"resumed from {resume.where}: {plan.phase} phase, step {state.step_in_phase}/{plan.num_steps}")
     # Without ZeRO in fp32, the gradient all-reduce runs during the last backward (raypatch.overlap).
-    overlap = (OverlappedAllReduce(engine) if stage == 0 and w.world_size > 1 and cfg.scale.precision == "fp32"
-               and cfg.scale.overlap_allreduce else None)
+    overlap = (OverlappedAllReduce(engine, clip=cfg.optim.grad_clip) if overlapped(cfg, stage, w.world_size)
+               else None)
     w.say(f"{w.world_size} worker(s) ready: {n_params:,} parameters, DeepSpeed {stage_name(stage)} "
           f"{cfg.scale.precision} on {w.device.type}; training")
     val_sets = evaluation_sets(cfg, manifest, w.world_size)
@@ -153,13 +153,12 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             step_t = time.perf_counter()
             blocks, error = forward_backward(engine, rows, plan, micro, cfg, w.device, window, log_loss, overlap)
             t_flags = time.perf_counter()
-            error, term = step_flags(error, w.device)
+            # With the overlapped all-reduce the step's flags came with the gradient; else one all-reduce.
+            error, term = step_flags(error, w.device, None if overlap is None else overlap.finish())
             if error:  # before the optimizer step: the bad batch never changes the weights
                 writer.close()
                 return {"error": error, "state": state.to_dict()}
             t_opt = time.perf_counter()
-            if overlap is not None:
-                overlap.finish()
             engine.step()
             window.parts["flags"] += t_opt - t_flags
             window.parts["optimizer"] += time.perf_counter() - t_opt
@@ -184,7 +183,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 writer.write(base_metrics(state, plan, planned_tokens) | {"event": "sigterm"})
             if notice is not None or term:
                 do_ckpt = jit_saved = True
-            t_extra = time.perf_counter()
+            t_extra, c_extra = time.perf_counter(), time.thread_time()
             if eval_due(cfg.eval.every_steps, state.global_step, last):
                 last_eval = run_evaluation(engine, val_sets, cfg, state, plan, w) | {"eval/step": state.global_step}
                 writer.write(base_metrics(state, plan, planned_tokens) | last_eval | {"event": "eval"})
@@ -200,7 +199,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                                         metrics=metrics, say=w.say, upload=cfg.checkpoint.upload)
                 writer.write(base_metrics(state, plan, planned_tokens) | {
                     "event": "checkpoint", "checkpoint/stall_s": stall, "checkpoint/upload": cfg.checkpoint.upload})
-            window.excluded += time.perf_counter() - t_extra  # throughput counts training, not eval or saving
+            window.exclude(t_extra, c_extra)  # throughput counts training, not eval or saving
             if (notice is not None or term) and not (last and phase_index + 1 == len(plans)):
                 writer.close()
                 hand_over(state.global_step, "SIGTERM" if term else describe(notice), w.say,
@@ -245,6 +244,7 @@ def build_engine(cfg: Config, plan: PhasePlan, world_size: int, resume: Resume) 
     stage = resume.zero_stage(zero_stage(cfg, n_params))
     grad_accum = grad_accum_steps(plan.blocks_per_step, plan.phase, world_size, cfg.optim.micro_batch_size)
     ds_config = deepspeed_config(cfg, grad_accum, world_size, n_params, stage)
+    ds_config["gradient_clipping"] = deepspeed_clipping(cfg, stage, world_size)
     if resume.tag != TAG:
         ds_config["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
@@ -316,7 +316,8 @@ def forward_backward(engine: Any, rows: StepRows, plan: PhasePlan, micro: list[t
         ids = torch.from_numpy(batch.astype(np.int64)).to(device)  # (m, block_tokens)
         engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
         if overlap is not None:
-            overlap.arm(i == len(micro) - 1)
+            last = i == len(micro) - 1
+            overlap.arm(last, local_flags(error, device) if last else None)
         loss = engine(ids, plan.k)
         engine.backward(loss if weight == 1.0 else loss * weight)
         log_loss[0] += loss.detach().double() * (m / mb)  # a row-weighted mean; m / mb is 1.0 for full batches
@@ -367,13 +368,21 @@ class StepRows:
         return ids, trained, ""
 
 
-def step_flags(error: str, device: Any) -> tuple[str, bool]:
+def local_flags(error: str, device: Any) -> torch.Tensor:
+    """This rank's step flags: [a data error, SIGTERM received]."""
+    return torch.tensor([1.0 if error else 0.0, 1.0 if sigterm_received() else 0.0], device=device)
+
+
+def step_flags(error: str, device: Any, summed: torch.Tensor | None = None) -> tuple[str, bool]:
     """Collective, once a step: ('' when no rank saw a data error in this step, else the lowest failing rank's
-    message; whether any rank got SIGTERM). One all-reduce carries both flags."""
+    message; whether any rank got SIGTERM). One all-reduce carries both flags, unless `summed` is their sum
+    already (the overlapped gradient all-reduce carried them)."""
     import torch.distributed as dist
 
-    flag = torch.tensor([1.0 if error else 0.0, 1.0 if sigterm_received() else 0.0], device=device)
-    dist.all_reduce(flag)
+    flag = summed
+    if flag is None:
+        flag = local_flags(error, device)
+        dist.all_reduce(flag)
     term = bool(flag[1].item())
     if flag[0].item() == 0:
         return "", term
