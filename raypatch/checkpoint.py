@@ -32,6 +32,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import time
@@ -135,11 +136,36 @@ def load_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     return upgrade_meta(meta)
 
 
+TEMP_KINDS = ("ckpt", "resume", "download")
+
+
+def temp_prefix(kind: str) -> str:
+    """raypatch-<kind>-<pid>-: local checkpoint copies carry the writing process's id, so that what a killed
+    process left behind can be told from what a live one is using (sweep_temp_copies)."""
+    return f"raypatch-{kind}-{os.getpid()}-"
+
+
+def sweep_temp_copies() -> list[Path]:
+    """Remove the local checkpoint copies (raypatch-ckpt-, -resume-, -download-<pid>-*) in this node's temporary
+    directory whose process is gone: a worker killed mid-save (Ctrl-C, a crash) cannot clean up after itself.
+    Only directories named by temp_prefix are touched, and only when their process has ended."""
+    import psutil
+
+    removed = []
+    pattern = re.compile(rf"raypatch-({'|'.join(TEMP_KINDS)})-(\d+)-\w+")
+    for d in Path(tempfile.gettempdir()).glob("raypatch-*-*-*"):
+        m = pattern.fullmatch(d.name)
+        if m and d.is_dir() and not psutil.pid_exists(int(m.group(2))):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
 def save_local(engine: Any, *, rank: int, meta: dict[str, Any]) -> Path:
     """Write this rank's part of a checkpoint to a new local temporary directory (collective call)."""
     import torch
 
-    d = Path(tempfile.mkdtemp(prefix="raypatch-ckpt-"))
+    d = Path(tempfile.mkdtemp(prefix=temp_prefix("ckpt")))
     # The universal-checkpoint marker lets DeepSpeed's ds_to_universal convert this checkpoint when a run
     # resumes at another data-parallel size (elastic training, or a cluster that lost nodes).
     engine.save_checkpoint(str(d), tag=TAG, save_latest=False,
@@ -296,7 +322,7 @@ def checkpoint_to_resume(identity: dict[str, Any], world_size: int, say: Callabl
     if ckpt is None:
         yield Resume(TrainState())
         return
-    local = Path(tempfile.mkdtemp(prefix="raypatch-resume-"))
+    local = Path(tempfile.mkdtemp(prefix=temp_prefix("resume")))
     try:
         ckpt.to_directory(str(local))
         meta = load_meta(local)
@@ -329,7 +355,7 @@ def local_copy(ckpt: str) -> Iterator[str]:
     files = storage.list_files(ckpt)
     if META not in files:
         raise InputError(f"--checkpoint {storage.display(ckpt)}: no such checkpoint (no {META} under it)")
-    local = Path(tempfile.mkdtemp(prefix="raypatch-download-"))
+    local = Path(tempfile.mkdtemp(prefix=temp_prefix("download")))
     try:
         for name in files:
             storage.download(storage.join(ckpt, name), local / "ckpt" / name)

@@ -217,18 +217,41 @@ def main(argv: list[str] | None = None) -> int:
         print("raypatch: interrupted; stopping the Ray processes this command started", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the one place that turns every error into one line
-        return report_error(e)
+        return report_error(e, output_dirs(args))
     finally:
         end_ray()
     return 0
 
 
-def report_error(e: BaseException) -> int:
-    """Bad input (ValueError, also behind Ray's wrappers; OSError on a user's path): one line, exit 2.
-    Anything else is a bug: one line naming a log file that holds the traceback, exit 1."""
+def output_dirs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Where the command writes, as (path, what): the places whose free space a full disk's error line reports."""
+    import tempfile
+
+    out = [(p, f"--{k}") for k in ("out",) if (p := getattr(args, k, None))]
+    if args.cmd in ("train", "tune"):
+        try:
+            out.append((load_config(args.config, args.set).checkpoint.storage_path, "checkpoint.storage_path"))
+        except Exception:  # noqa: BLE001 - a bad config has its own error; the free space is a courtesy
+            pass
+    return out + [(tempfile.gettempdir(), "temporary files"), ("~/.cache/raypatch", "logs")]
+
+
+def report_error(e: BaseException, outputs: list[tuple[str, str]] | None = None) -> int:
+    """Bad input (ValueError, also behind Ray's wrappers; OSError on a user's path) and a full disk: one line,
+    exit 2. Anything else is a bug: one line naming a log file that holds the traceback, exit 1."""
+    import errno
     import traceback
 
-    from raypatch.safety import find_input_error, one_line
+    from raypatch.safety import find_input_error, find_os_error, free_space_note, one_line
+
+    full = find_os_error(e, errno.ENOSPC)
+    if full is not None:  # before the rest: the disk that is full may be the one the log file is on
+        where = f" writing {full.filename}" if full.filename else ""
+        note = free_space_note([*([(os.path.dirname(str(full.filename)), "that file")] if full.filename else []),
+                                *(outputs or [])])
+        print(f"raypatch: error: no space left on device{where}; {note or 'free space unknown'}. Free some space "
+              "and run the same command again (a run resumes from its last committed checkpoint)", file=sys.stderr)
+        return 2
 
     cause = find_input_error(e) if isinstance(e, Exception) else None
     if cause is None and isinstance(e, ValueError) and not type(e).__module__.startswith("ray"):

@@ -102,6 +102,14 @@ def end_ray() -> None:
         ours = psutil.Process().children(recursive=True)
     except Exception:  # noqa: BLE001 - psutil comes with Ray; without it, ray.shutdown alone
         ours = []
+    # Training workers first, at once: after Ctrl-C or an error, ray.shutdown takes seconds in which they would
+    # go on training (and saving). What they leave is never counted: a checkpoint counts once committed.
+    for p in ours:
+        try:
+            if "RayTrainWorker" in p.name() or any("RayTrainWorker" in a for a in p.cmdline()[:1]):
+                p.kill()
+        except psutil.Error:
+            pass
     ray.shutdown()
     # What ray.shutdown left running (dashboard modules, idle workers) would exit on its own within seconds;
     # asking now saves those seconds at the end of every command.
@@ -119,6 +127,9 @@ def end_ray() -> None:
             except psutil.Error:
                 pass
         psutil.wait_procs(alive, timeout=5)
+    from raypatch.checkpoint import sweep_temp_copies
+
+    sweep_temp_copies()  # local checkpoint copies of the workers just ended
 
 
 def quiet_worker_logs() -> None:

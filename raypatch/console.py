@@ -8,11 +8,11 @@ laptop, under `ray job submit` and across nodes; the driver prints them with `sa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -39,7 +39,7 @@ def log_path() -> str | None:
     return _log[0].name if _log else None
 
 
-@contextmanager
+@contextlib.contextmanager
 def capture(path: Path | None) -> Iterator[Path | None]:
     """Send file descriptors 1 and 2 to `path` (appended) for the duration; `say` still reaches the terminal.
 
@@ -65,18 +65,24 @@ def capture(path: Path | None) -> Iterator[Path | None]:
         # worker lines late, from its log monitor thread.
         from raypatch.cluster import end_ray
 
-        end_ray()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in saved:
-            os.close(fd)
-        for s in _term.values():
-            s.close()
-        _term.clear()
-        _log.clear()
-        log.close()
+        try:
+            end_ray()
+        finally:
+            # The terminal comes back whatever happens: with the log file's disk full, flushing into it fails,
+            # and the error line that says so must still reach the user.
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError):
+                    stream.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            for s in _term.values():
+                s.close()
+            _term.clear()
+            _log.clear()
+            with contextlib.suppress(OSError):
+                log.close()
 
 
 class Relay:
@@ -86,14 +92,14 @@ class Relay:
         from ray.util.queue import Queue
 
         self.queue = Queue(actor_options={"num_cpus": 0})
-        self._stop = threading.Event()
+        self._stop, self._abandon = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._drain, daemon=True, name="raypatch-relay")
         self._thread.start()
 
     def _drain(self) -> None:
         from ray.util.queue import Empty
 
-        while True:
+        while not self._abandon.is_set():
             try:
                 say(self.queue.get(timeout=0.5))
             except Empty:
@@ -102,17 +108,20 @@ class Relay:
             except Exception:  # noqa: BLE001 - the queue's actor is gone (Ray shut down): nothing more to print
                 return
 
-    def close(self) -> None:
-        """Print what is still queued, then end the thread and the queue's actor."""
+    def close(self, drain: bool = True) -> None:
+        """Print what is still queued (or, with drain=False, stop printing now), then end the thread and the
+        queue's actor."""
         self._stop.set()
-        self._thread.join(timeout=10)
+        if not drain:
+            self._abandon.set()
+        self._thread.join(timeout=10 if drain else 1)
         try:
             self.queue.shutdown()
         except Exception:  # noqa: BLE001 - already gone with the cluster
             pass
 
 
-@contextmanager
+@contextlib.contextmanager
 def relay() -> Iterator[Any]:
     """A Relay's queue for train_loop_config while the block runs (None when output is not captured)."""
     if not _term:
@@ -121,5 +130,9 @@ def relay() -> Iterator[Any]:
     r = Relay()
     try:
         yield r.queue
-    finally:
-        r.close()
+    except BaseException:
+        # Ctrl-C or an error: the workers are ended next (end_ray), not waited for; while they still log, the
+        # queue would never run dry.
+        r.close(drain=False)
+        raise
+    r.close()

@@ -71,6 +71,8 @@ class MetricsWriter:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A run killed mid-write leaves a torn last line; the resumed run's first row must not be glued onto it.
+        self._newline = _ends_torn(self.path)
         try:
             from tensorboardX import SummaryWriter
 
@@ -82,7 +84,8 @@ class MetricsWriter:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(("\n" if self._newline else "") + json.dumps(row) + "\n")
+        self._newline = False
         if self.tb is not None:
             step = row.get("step", 0)
             for k, v in row.items():
@@ -95,9 +98,43 @@ class MetricsWriter:
             self.tb.close()
 
 
+def _ends_torn(path: Path) -> bool:
+    """Whether `path` exists, is not empty and does not end with a newline."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, 2)
+            return f.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl. A line that is not a JSON object (torn by a kill mid-write, damaged) is
+    skipped with one warning naming the file and line: the run's other rows still make its plot and summary."""
     p = Path(path)
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+    if not p.exists():
+        return []
+    rows, bad = [], []
+    for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.append(n)
+    if bad:
+        from raypatch.console import say
+
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        say(f"raypatch: warning: {p}:{bad[0]}{more}: not a JSON row (torn by a kill mid-write?); skipped", err=True)
+    return rows
 
 
 def log_line(m: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -200,6 +201,48 @@ def unpickle_error(e: BaseException, where: str) -> InputError:
                  lines[-1] if lines else type(e).__name__)
     return InputError(f"checkpoint {where}: a file holds objects outside the tensor allow-list, refusing to load "
                       f"it (loading could run code): {first[:200]}")
+
+
+def find_os_error(e: BaseException, errno_: int) -> OSError | None:
+    """An OSError with this errno behind Ray's wrappers (the remote exception, or only its text in the remote
+    traceback: then an OSError without a file name)."""
+    seen = set()
+    stack: list[BaseException | None] = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno == errno_:
+            return x
+        stack += [x.__cause__, x.__context__, getattr(x, "cause", None)]
+    text = f"[Errno {errno_}] {os.strerror(errno_)}"
+    if text in str(e):
+        path = re.search(re.escape(text) + r": '([^']+)'", str(e))
+        return OSError(errno_, os.strerror(errno_), path.group(1) if path else None)
+    return None
+
+
+def free_space_note(paths: Iterable[tuple[str, str]]) -> str:
+    """'free: 0 B at /data (checkpoint.storage_path), 12.3 GB at /tmp (temporary files)' for the local ones of
+    (path, what) pairs, one per file system (the nearest existing folder of each path is measured)."""
+    seen, parts = set(), []
+    for path, what in paths:
+        if not path or "://" in path:
+            continue
+        p = Path(path).expanduser().absolute()
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        try:
+            dev = p.stat().st_dev
+            free = shutil.disk_usage(p).free
+        except OSError:
+            continue
+        if dev in seen:
+            continue
+        seen.add(dev)
+        parts.append(f"{free / 2**30:.2f} GiB at {p} ({what})" if free >= 2**20 else f"{free:,} bytes at {p} ({what})")
+    return "free: " + ", ".join(parts) if parts else ""
 
 
 def find_input_error(e: BaseException) -> InputError | None:

@@ -19,7 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from raypatch.checkpoint import TAG, VERSION, Resume, TrainState, checkpoint_to_resume, save_and_report
+from raypatch.checkpoint import (
+    TAG,
+    VERSION,
+    Resume,
+    TrainState,
+    checkpoint_to_resume,
+    save_and_report,
+    sweep_temp_copies,
+)
 from raypatch.cluster import quiet_worker_logs
 from raypatch.config import Config
 from raypatch.data import PhasePlan, TokenStream, plan_dicts, plan_from_config, text_rows, val_rows, worker_dataset
@@ -223,6 +231,7 @@ def start_worker(cfg: Config, console: Any = None) -> Worker:
     import ray.train.torch
 
     quiet_worker_logs()
+    sweep_temp_copies()  # what workers killed mid-save on this node left in its temporary directory
     install_sigterm_hook(cfg.checkpoint.sigterm_grace_s)
     ctx = ray.train.get_context()
     torch.manual_seed(cfg.seed)

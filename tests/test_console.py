@@ -11,11 +11,13 @@ Run: pytest tests/test_console.py   (about 3 minutes on 2 cores)
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -95,19 +97,36 @@ def test_terminal_shows_raypatch_lines_and_a_rerun_changes_nothing(shards, tmp_p
 
 
 @pytest.mark.ray
+def temp_copies() -> set[Path]:
+    """The local checkpoint copies workers write before an upload (raypatch.checkpoint.temp_prefix)."""
+    return set(Path(tempfile.gettempdir()).glob("raypatch-ckpt-*"))
+
+
 def test_ctrl_c_and_errors_end_every_process(shards, tmp_path):
     mark = uuid.uuid4().hex
-    proc = raypatch(train_args(shards, tmp_path, "data.max_tokens=0", "checkpoint.name=long"), mark)
+    before = temp_copies()
+    # A checkpoint every step: Ctrl-C lands while one is being written or uploaded.
+    proc = raypatch(train_args(shards, tmp_path, "data.max_tokens=0", "checkpoint.name=long",
+                               "checkpoint.every_steps=1", "data.record_blocks=true"), mark)
     seen = ""
     t0 = time.time()
-    while "step" not in seen:  # training has started: Ray, the controller and both workers are up
+    while not re.search(r"\] step +\d+ .* loss ", seen):  # a log line: Ray and both workers are up, training
         assert time.time() - t0 < 600 and proc.poll() is None, seen
         seen += proc.stdout.readline()
+    t_int = time.time()
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
     assert_no_leak(mark)
+    # The workers stopped with the interrupt: no step ended more than 1.5 s after it (each rank records a step
+    # when it ends; a step of the tiny model takes well under a second). A record torn by the kill is skipped.
+    times = [json.loads(ln)["t"] for f in tmp_path.glob("long*/blocks-rank*.jsonl")  # the token-only run first
+             for ln in f.read_text().splitlines() if ln.endswith("}")]
+    assert times, "no step was recorded before the interrupt"
+    late = [t for t in times if t > t_int + 1.5]
+    assert not late, f"{len(late)} step(s) trained after Ctrl-C"
+    assert not temp_copies() - before, "local checkpoint copies outlived the run"
 
     # `kill` (SIGTERM), the way a scheduler stops a process. Ray's own signal handler in the driver ends the
     # process at once (status -6 after its stack dump); the local cluster's processes follow their driver.
