@@ -469,6 +469,20 @@ def find_latest(run_dir: str | Path) -> Path | None:
     return best
 
 
+def incomplete_after(run_dir: str | Path, latest: Path | None) -> list[str]:
+    """The checkpoint directories of a local run newer than `latest` (by their step) that were never committed:
+    what a resume passes over. Left in place; the next save of that step replaces it."""
+    def step(d: Path) -> int:
+        try:
+            return int(d.name.split("-", 1)[1])
+        except (IndexError, ValueError):
+            return -1
+
+    floor = -1 if latest is None else step(latest)
+    return sorted(d.name for d in Path(run_dir).glob("checkpoint-*")
+                  if d.is_dir() and step(d) > floor and not (d / COMMITTED).is_file())
+
+
 def scan_checkpoint(ckpt_dir: str | Path) -> None:
     """Unpickle every DeepSpeed file of a checkpoint with the restricted loader, without reading tensor data
     (mmap): a crafted file is refused here, before DeepSpeed or a worker sees it."""

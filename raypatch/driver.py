@@ -24,6 +24,7 @@ from raypatch.checkpoint import (
     commit_callback,
     export_hf,
     find_latest,
+    incomplete_after,
 )
 from raypatch.config import Config, replace
 from raypatch.console import relay, say
@@ -217,6 +218,9 @@ def preflight(cfg: Config) -> list[PhasePlan]:
         raise InputError(f"config field 'eval.wikitext': {cfg.eval.wikitext} is not a file")
     check_storage(cfg)
     latest = find_latest(run_dir_of(cfg))
+    if skipped := incomplete_after(run_dir_of(cfg), latest):
+        say(f"passing over {', '.join(skipped)} (never committed: cut short by a crash or a kill); the run "
+            f"resumes from {latest.name if latest else 'the start'}")
     if latest is not None:
         meta = check_checkpoint(latest)
         check_compatible(meta, config=cfg.to_dict(), tokenizer_fingerprint=manifest["tokenizer"]["fingerprint"],

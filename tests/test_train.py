@@ -161,7 +161,7 @@ def test_stopped_run_resumes_from_its_checkpoint(reference, shards, ray_local, t
 
 
 def test_crash_mid_upload_leaves_the_previous_checkpoint_the_latest(reference, shards, ray_local, tmp_path,
-                                                                    monkeypatch):
+                                                                    monkeypatch, capsys):
     """Rank 0 dies on its background upload thread with checkpoint-0000008 half in storage (meta.json and one
     state file). That directory is never committed: the rerun's checks and resume pass over it to the last
     committed checkpoint, and the finished run trained the reference's blocks to the reference's losses."""
@@ -181,7 +181,9 @@ def test_crash_mid_upload_leaves_the_previous_checkpoint_the_latest(reference, s
     assert (torn / "meta.json").is_file() and not (torn / COMMITTED).exists()
     latest = find_latest(run)
     assert latest is not None and latest.name < torn.name and (latest / COMMITTED).is_file()
-    preflight(cfg)  # the torn directory is not the one checked
+    preflight(cfg)  # the torn directory is not the one checked, and the check says it passed over it
+    said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("passing over ")]
+    assert len(said) == 1 and torn.name in said[0] and f"resumes from {latest.name}" in said[0], said
     summary = fit(cfg)
     assert trained_steps(run) == trained_steps(Path(ref["run_dir"]))
     a, b = step_losses(run), step_losses(Path(ref["run_dir"]))
