@@ -203,9 +203,8 @@ def unpickle_error(e: BaseException, where: str) -> InputError:
                       f"it (loading could run code): {first[:200]}")
 
 
-def find_os_error(e: BaseException, errno_: int) -> OSError | None:
-    """An OSError with this errno behind Ray's wrappers (the remote exception, or only its text in the remote
-    traceback: then an OSError without a file name)."""
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    """e and every exception behind it: causes, contexts and the `cause` Ray's wrappers carry."""
     seen = set()
     stack: list[BaseException | None] = [e]
     while stack:
@@ -213,9 +212,16 @@ def find_os_error(e: BaseException, errno_: int) -> OSError | None:
         if x is None or id(x) in seen:
             continue
         seen.add(id(x))
+        yield x
+        stack += [x.__cause__, x.__context__, getattr(x, "cause", None)]
+
+
+def find_os_error(e: BaseException, errno_: int) -> OSError | None:
+    """An OSError with this errno behind Ray's wrappers (the remote exception, or only its text in the remote
+    traceback: then an OSError without a file name)."""
+    for x in _chain(e):
         if isinstance(x, OSError) and x.errno == errno_:
             return x
-        stack += [x.__cause__, x.__context__, getattr(x, "cause", None)]
     text = f"[Errno {errno_}] {os.strerror(errno_)}"
     if text in str(e):
         path = re.search(re.escape(text) + r": '([^']+)'", str(e))
@@ -247,16 +253,9 @@ def free_space_note(paths: Iterable[tuple[str, str]]) -> str:
 
 def find_input_error(e: BaseException) -> InputError | None:
     """Our InputError behind Ray's wrappers (RayTaskError duals carry the remote traceback in str())."""
-    seen = set()
-    stack: list[BaseException | None] = [e]
-    while stack:
-        x = stack.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
+    for x in _chain(e):
         if isinstance(x, InputError):
             lines = [ln for ln in str(x).splitlines() if "InputError: " in ln]
             return InputError(lines[-1].split("InputError: ", 1)[1] if lines else str(x))
-        stack += [x.__cause__, x.__context__, getattr(x, "cause", None)]
     lines = [ln for ln in str(e).splitlines() if "InputError: " in ln]
     return InputError(lines[-1].split("InputError: ", 1)[1]) if lines else None
