@@ -165,17 +165,23 @@ def save_local(engine: Any, *, rank: int, meta: dict[str, Any]) -> Path:
     """Write this rank's part of a checkpoint to a new local temporary directory (collective call)."""
     import torch
 
+    from raypatch.faults import maybe_kill_in_save
+
+    name = f"checkpoint-{meta['state']['global_step']:07d}"
     d = Path(tempfile.mkdtemp(prefix=temp_prefix("ckpt")))
+    maybe_kill_in_save("start", d, name, rank)
     # The universal-checkpoint marker lets DeepSpeed's ds_to_universal convert this checkpoint when a run
     # resumes at another data-parallel size (elastic training, or a cluster that lost nodes).
     engine.save_checkpoint(str(d), tag=TAG, save_latest=False,
                            client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
+    maybe_kill_in_save("local", d, name, rank)
     rng = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
     (d / f"rng-{rank}.json").write_text(json.dumps({"torch": rng}))
     if rank == 0:
         tmp = d / f".{META}.tmp"
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, d / META)
+    maybe_kill_in_save("written", d, name, rank)
     return d
 
 
@@ -248,12 +254,14 @@ def save_and_report(engine: Any, *, rank: int, meta: dict[str, Any], metrics: di
 def upload_then_remove(store: Any, local: Path, rank: int) -> Callable[[Any, str], Any]:
     """Ray Train's upload, run on its upload thread, then the local copy removed whatever happened (Ray's own
     deletion is skipped when the upload fails, which would leave a raypatch-ckpt-* copy per failure)."""
-    from raypatch.faults import maybe_kill_mid_upload
+    from raypatch.faults import maybe_kill_in_upload
 
     def upload(ckpt: Any, name: str) -> Any:
         try:
-            maybe_kill_mid_upload(store, local, name, rank)
-            return store.persist_current_checkpoint(ckpt, name)
+            maybe_kill_in_upload(store, local, name, rank, done=False)
+            persisted = store.persist_current_checkpoint(ckpt, name)
+            maybe_kill_in_upload(store, local, name, rank, done=True)
+            return persisted
         finally:
             shutil.rmtree(local, ignore_errors=True)
 

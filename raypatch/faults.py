@@ -7,9 +7,15 @@
   after each listed global step, once every checkpoint reported before has been committed (a marker file in the
   run directory keeps it to once).
 - RAYPATCH_STEP_DELAY_S=0.3 adds that much sleep to every step, so that a drill can place a resize in a phase.
-- RAYPATCH_KILL_IN_UPLOAD=8 (with RAYPATCH_KILL_RANK) makes that rank SIGKILL itself halfway through uploading
-  checkpoint-0000008, on Ray Train's upload thread: meta.json and one state file are in storage, the rest never
-  arrives (once per run directory too), after an earlier checkpoint was committed.
+- RAYPATCH_KILL_IN_CHECKPOINT="8:upload" (with RAYPATCH_KILL_RANK) makes that rank SIGKILL itself at one point of
+  writing checkpoint-0000008, once per run directory, after every earlier checkpoint was committed (so the point
+  the run resumes from does not depend on timing). The points, in the order a checkpoint is written:
+    start     before this rank wrote any file of it;
+    local     mid-file in the local copy: DeepSpeed's files written, the largest one then cut to half its size;
+    written   the local copy complete (rank 0: meta.json written last);
+    upload    on Ray Train's upload thread: meta.json and half of one state file in storage, the rest never;
+    uploaded  every file of this rank in storage, before Ray Train registers the checkpoint;
+    hold      as `upload`, but the thread then waits instead of dying: a drill kills the whole process tree.
 """
 
 from __future__ import annotations
@@ -62,26 +68,72 @@ def attempt_id(device: Any) -> int:
     return int(t.item())
 
 
-def maybe_kill_mid_upload(store: Any, local: Path, name: str, rank: int) -> None:
-    """RAYPATCH_KILL_IN_UPLOAD (module docstring): upload meta.json and the first state file, then die."""
-    step = os.environ.get("RAYPATCH_KILL_IN_UPLOAD", "")
-    if not step or name != f"checkpoint-{int(step):07d}" or rank != int(os.environ.get("RAYPATCH_KILL_RANK", "0")):
-        return
-    run_dir = Path(store.experiment_fs_path)
-    marker = run_dir / f".killed-in-upload-{step}"
+POINTS = ("start", "local", "written", "upload", "uploaded", "hold")
+
+
+def _armed(name: str, rank: int, points: tuple[str, ...]) -> str | None:
+    """The RAYPATCH_KILL_IN_CHECKPOINT point among `points` if it applies to this checkpoint and rank."""
+    spec = os.environ.get("RAYPATCH_KILL_IN_CHECKPOINT", "")
+    if not spec or rank != int(os.environ.get("RAYPATCH_KILL_RANK", "0")):
+        return None
+    step, _, point = spec.partition(":")
+    if point not in POINTS:
+        raise ValueError(f"RAYPATCH_KILL_IN_CHECKPOINT={spec!r}: expected <step>:<point>, point one of {POINTS}")
+    return point if name == f"checkpoint-{int(step):07d}" and point in points else None
+
+
+def _once(run_dir: Path, point: str, name: str) -> bool:
+    marker = run_dir / f".killed-{point}-{name}"
     if marker.exists():
-        return
+        return False
     marker.touch()
-    # The drill is "a crash mid-upload after an earlier checkpoint was committed": wait for that commit.
+    return True
+
+
+def _after_earlier_commit(run_dir: Path) -> None:
+    # Polled from storage, not asked of Ray: the upload thread cannot wait on the training thread's reports.
     deadline = time.time() + 60
     while not list(run_dir.glob("checkpoint-*/committed.json")) and time.time() < deadline:
         time.sleep(0.2)
-    dest = store.build_checkpoint_path_from_name(name)
-    store.storage_filesystem.create_dir(dest)
-    files = sorted(p for p in local.rglob("*") if p.is_file())
-    for p in [p for p in files if p.name == "meta.json"] + [p for p in files if p.suffix == ".pt"][:1]:
-        target = f"{dest}/{p.relative_to(local).as_posix()}"
-        store.storage_filesystem.create_dir(target.rsplit("/", 1)[0])
-        with store.storage_filesystem.open_output_stream(target) as f:
-            f.write(p.read_bytes())
+
+
+def maybe_kill_in_save(point: str, local: Path, name: str, rank: int) -> None:
+    """The points on the training thread: start, local, written (module docstring)."""
+    if _armed(name, rank, ("start", "local", "written")) != point:
+        return
+    import ray.train
+
+    if not _once(Path(ray.train.get_context().get_storage().experiment_fs_path), point, name):
+        return
+    from raypatch.preemption import wait_until_committed
+
+    wait_until_committed()
+    if point == "local":
+        big = max((p for p in local.rglob("*.pt")), key=lambda p: p.stat().st_size)
+        with open(big, "r+b") as f:
+            f.truncate(big.stat().st_size // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_kill_in_upload(store: Any, local: Path, name: str, rank: int, done: bool) -> None:
+    """The points on Ray Train's upload thread: upload and hold before the upload (done=False, which then writes
+    the torn upload itself), uploaded after it (module docstring)."""
+    point = _armed(name, rank, ("uploaded",) if done else ("upload", "hold"))
+    run_dir = Path(store.experiment_fs_path)
+    if point is None or not _once(run_dir, point, name):
+        return
+    _after_earlier_commit(run_dir)
+    if point != "uploaded":
+        fs, dest = store.storage_filesystem, store.build_checkpoint_path_from_name(name)
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+        for p, part in [(p, 1.0) for p in files if p.name == "meta.json"] + \
+                       [(p, 0.5) for p in files if p.suffix == ".pt"][:1]:
+            target = f"{dest}/{p.relative_to(local).as_posix()}"
+            fs.create_dir(target.rsplit("/", 1)[0])
+            data = p.read_bytes()
+            with fs.open_output_stream(target) as f:
+                f.write(data[: int(len(data) * part)])
+    if point == "hold":
+        while True:  # the drill kills this process, with every other one of the run
+            time.sleep(1)
     os.kill(os.getpid(), signal.SIGKILL)

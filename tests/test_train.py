@@ -162,8 +162,8 @@ def test_stopped_run_resumes_from_its_checkpoint(reference, shards, ray_local, t
 
 def test_crash_mid_upload_leaves_the_previous_checkpoint_the_latest(reference, shards, ray_local, tmp_path,
                                                                     monkeypatch, capsys):
-    """Rank 0 dies on its background upload thread with checkpoint-0000008 half in storage (meta.json and one
-    state file). That directory is never committed: the rerun's checks and resume pass over it to the last
+    """Rank 0 dies on its background upload thread with checkpoint-0000008 half in storage (meta.json and half
+    of one state file). That directory is never committed: the rerun's checks and resume pass over it to the last
     committed checkpoint, and the finished run trained the reference's blocks to the reference's losses."""
     from raypatch.checkpoint import COMMITTED, find_latest
     from raypatch.driver import fit, preflight
@@ -171,11 +171,11 @@ def test_crash_mid_upload_leaves_the_previous_checkpoint_the_latest(reference, s
     _, ref = reference
     cfg = tiny(shards, tmp_path, "torn", "checkpoint.max_failures=0")
     assert cfg.checkpoint.upload == "async"
-    monkeypatch.setenv("RAYPATCH_KILL_IN_UPLOAD", "8")
+    monkeypatch.setenv("RAYPATCH_KILL_IN_CHECKPOINT", "8:upload")
     monkeypatch.setenv("RAYPATCH_KILL_RANK", "0")
     with pytest.raises(Exception):  # noqa: B017 - Ray's worker-death error type varies by version
         fit(cfg)
-    monkeypatch.delenv("RAYPATCH_KILL_IN_UPLOAD")
+    monkeypatch.delenv("RAYPATCH_KILL_IN_CHECKPOINT")
     run = tmp_path / "torn"
     torn = run / "checkpoint-0000008"
     assert (torn / "meta.json").is_file() and not (torn / COMMITTED).exists()
