@@ -8,7 +8,10 @@ tests can build and check configs without torch, Ray or a GPU. Plain dicts exist
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,15 +19,104 @@ from typing import Any
 
 FAMILIES = ("llama", "qwen2", "gpt_neox")
 
+NAME_RULE = "1-200 ASCII letters, digits, '.', '_' or '-', not starting with '.'"
+"""What a run or experiment name may hold: it becomes a directory, a file name part and a Ray Train metric tag."""
+
+# The allowed values of every int and float field, by dotted name: '> 0', '>= 1' or an interval such as
+# '[0, 1)'. Every value must also be finite, and every int fit in 64 bits (numpy, torch and DeepSpeed's JSON
+# take them). A numeric field missing here fails the first config built (tests/test_config.py walks them all).
+# CPU amounts start at 0.0001, the finest fraction Ray schedules; time intervals end at a day, well inside
+# what timers and sleeps accept.
+RANGES: dict[str, str] = {
+    "model.vocab_size": ">= 1",
+    "model.hidden_size": ">= 1",
+    "model.intermediate_size": ">= 1",
+    "model.num_layers": ">= 1",
+    "model.num_heads": ">= 1",
+    "model.num_kv_heads": ">= 0",
+    "model.max_position_embeddings": ">= 1",
+    "model.rope_theta": "> 0",
+    "model.init_std": "> 0",
+    "patch.k": ">= 1",
+    "patch.lam": "[0, 1)",
+    "data.seq_len": ">= 2",  # the loss scores position t+1 from position t: a row needs two
+    "data.max_tokens": ">= 0",
+    "data.patch_tokens": ">= 0",
+    "data.epochs": ">= 1",
+    "data.read_cpus": ">= 0.0001",
+    "data.prefetch_batches": ">= 0",
+    "data.cache_gb": "> 0",
+    "optim.lr": "> 0",
+    "optim.min_lr": ">= 0",
+    "optim.beta1": "[0, 1)",
+    "optim.beta2": "[0, 1)",
+    "optim.eps": "> 0",
+    "optim.weight_decay": ">= 0",
+    "optim.warmup_steps": ">= 0",
+    "optim.grad_clip": ">= 0",
+    "optim.tokens_per_step": ">= 1",
+    "optim.micro_batch_size": ">= 1",
+    "scale.num_workers": ">= 1",
+    "scale.min_workers": ">= 0",
+    "scale.resize_check_s": "(0, 86400]",
+    "scale.cpus_per_worker": ">= 0.0001",
+    "scale.zero_stage": "[0, 3]",
+    "scale.zero3_persistence_threshold": ">= 0",
+    "checkpoint.every_steps": ">= 0",
+    "checkpoint.every_tokens": ">= 0",
+    "checkpoint.every_minutes": ">= 0",
+    "checkpoint.preemption_check_every": ">= 0",
+    "checkpoint.preemption_check_seconds": "[0, 86400]",
+    "checkpoint.sigterm_grace_s": "[0, 86400]",
+    "checkpoint.keep": ">= 1",
+    "checkpoint.max_failures": ">= -1",  # -1: no limit (Ray's FailureConfig)
+    "eval.every_steps": ">= 0",
+    "eval.max_rows": ">= 1",
+    "seed": "[0, 2**32)",  # numpy's seed range
+    "log_every": ">= 1",
+    "gpu_hour_price": ">= 0",
+}
+
 
 def _fail(name: str, msg: str) -> None:
     raise ValueError(f"config field '{name}': {msg}")
 
 
-def _positive(obj: Any, prefix: str, *names: str) -> None:
-    for n in names:
-        if getattr(obj, n) <= 0:
-            _fail(f"{prefix}.{n}", f"must be > 0, got {getattr(obj, n)!r}")
+def is_plain_name(value: str) -> bool:
+    """True for a name NAME_RULE allows (also checked by safety.check_name for names given as flags)."""
+    return len(value) <= 200 and re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", value) is not None
+
+
+def range_bounds(spec: str) -> tuple[float, float, bool, bool]:
+    """A RANGES entry as (low, high, low allowed, high allowed): '> 0' -> (0, inf, False, False)."""
+
+    def num(s: str) -> float:
+        base, _, exp = s.strip().partition("**")
+        return int(base) ** int(exp) if exp else float(base)
+
+    if spec[0] in "[(":
+        lo, hi = spec[1:-1].split(",")
+        return num(lo), num(hi), spec[0] == "[", spec[-1] == "]"
+    op, value = spec.split()
+    return num(value), math.inf, op == ">=", False
+
+
+def _check_numbers(obj: Any, prefix: str) -> None:
+    """Every int and float field of one section against RANGES, naming the dotted field."""
+    for key, t in _field_types(type(obj)).items():
+        if t not in (int, float):
+            continue
+        name, value = prefix + key, getattr(obj, key)
+        spec = RANGES[name]  # every numeric field needs an entry
+        allowed = spec if spec[0] in "<>" else f"in {spec}"
+        if isinstance(value, int):
+            if not -(2**63) <= value < 2**63:
+                _fail(name, f"must be {allowed} and fit in 64 bits, got {value!r}")
+        elif not isinstance(value, float) or not math.isfinite(value):
+            _fail(name, f"must be a finite number {allowed}, got {value!r}")
+        lo, hi, lo_in, hi_in = range_bounds(spec)
+        if not ((lo <= value if lo_in else lo < value) and (value <= hi if hi_in else value < hi)):
+            _fail(name, f"must be {allowed}, got {value!r}")
 
 
 @dataclass(kw_only=True)
@@ -74,12 +166,11 @@ class ModelConfig:
         if self.family not in FAMILIES and self.source is None:
             _fail("model.family", f"must be one of {FAMILIES}, got {self.family!r} (other architectures: "
                                   f"model.hf_config or model.init_from)")
-        _positive(self, "model", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                  "num_heads", "max_position_embeddings", "init_std")
+        _check_numbers(self, "model.")
         if self.hidden_size % self.num_heads:
             _fail("model.hidden_size", f"{self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
         kv = self.num_kv_heads or self.num_heads
-        if kv < 0 or self.num_heads % kv:
+        if self.num_heads % kv:
             _fail("model.num_kv_heads", f"{self.num_kv_heads} must divide model.num_heads={self.num_heads}")
 
 
@@ -93,10 +184,7 @@ class PatchConfig:
     """'patches': a patch-phase row is K·T tokens read as T patches (the paper); 'tokens': T tokens as T/K."""
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            _fail("patch.k", f"must be >= 1, got {self.k}")
-        if not 0.0 <= self.lam < 1.0:
-            _fail("patch.lam", f"must be in [0, 1), got {self.lam}")
+        _check_numbers(self, "patch.")
         if self.context not in ("patches", "tokens"):
             _fail("patch.context", f"must be 'patches' or 'tokens', got {self.context!r}")
 
@@ -125,15 +213,12 @@ class DataConfig:
     """Most GiB data.cache_dir may hold; the least recently used shards go first."""
 
     def __post_init__(self) -> None:
-        _positive(self, "data", "seq_len", "read_cpus", "epochs", "cache_gb")
+        _check_numbers(self, "data.")
         if "://" in self.cache_dir:
             _fail("data.cache_dir", f"must be a local directory, got {self.cache_dir}")
-        if self.max_tokens < 0:
-            _fail("data.max_tokens", f"must be >= 0, got {self.max_tokens}")
-        if self.patch_tokens < 0 or (self.patch_tokens and not self.max_tokens):
-            _fail("data.patch_tokens", f"must be >= 0 and needs data.max_tokens (D), got {self.patch_tokens}")
-        if self.prefetch_batches < 0:
-            _fail("data.prefetch_batches", f"must be >= 0, got {self.prefetch_batches}")
+        if self.patch_tokens > self.max_tokens:
+            _fail("data.patch_tokens", f"needs data.max_tokens (D) and at most D tokens, got {self.patch_tokens} "
+                  f"with data.max_tokens={self.max_tokens}")
 
 
 @dataclass(kw_only=True)
@@ -162,14 +247,9 @@ class OptimConfig:
     """torch's fused AdamW kernel (CPU and CUDA); false: its per-tensor loop (slower per step)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "optim", "lr", "eps", "tokens_per_step", "micro_batch_size")
-        if self.min_lr < 0 or self.min_lr > self.lr:
+        _check_numbers(self, "optim.")
+        if self.min_lr > self.lr:
             _fail("optim.min_lr", f"must be in [0, optim.lr={self.lr}], got {self.min_lr}")
-        for n in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, n) < 1.0:
-                _fail(f"optim.{n}", f"must be in [0, 1), got {getattr(self, n)}")
-        if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
-            _fail("optim", "weight_decay, grad_clip and warmup_steps must be >= 0")
 
 
 @dataclass(kw_only=True)
@@ -204,19 +284,20 @@ class ScaleConfig:
     """Without ZeRO in fp32: all-reduce gradient buckets during the last backward (as torch DDP does)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "scale", "num_workers", "cpus_per_worker")
-        if self.min_workers < 0 or self.min_workers > self.num_workers:
+        if self.zero_stage not in (0, 1, 2, 3):  # before the range check, for its wording
+            _fail("scale.zero_stage", f"must be 0 (from the model size), 1, 2 or 3, got {self.zero_stage}")
+        _check_numbers(self, "scale.")
+        if self.min_workers > self.num_workers:
             _fail("scale.min_workers", f"must be in [0, scale.num_workers={self.num_workers}], got {self.min_workers}")
         for item in filter(None, self.worker_resources.split(",")):
             name, _, amount = item.partition("=")
             try:
-                ok = bool(name.strip()) and float(amount) > 0
+                ok = bool(name.strip()) and 0.0001 <= float(amount) < math.inf  # Ray's finest fraction
             except ValueError:
                 ok = False
             if not ok:
-                _fail("scale.worker_resources", f"expected name=amount pairs separated by commas, got {item!r}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            _fail("scale.zero_stage", f"must be 0 (from the model size), 1, 2 or 3, got {self.zero_stage}")
+                _fail("scale.worker_resources", f"expected name=amount pairs separated by commas, amounts "
+                      f"finite and >= 0.0001, got {item!r}")
         if self.precision not in ("bf16", "fp32"):
             _fail("scale.precision", f"must be 'bf16' or 'fp32', got {self.precision!r}")
 
@@ -244,26 +325,18 @@ class CheckpointConfig:
     upload: str = "async"
     """async: training waits only for the local snapshot, the upload to storage_path runs behind it; sync: waits."""
     max_failures: int = 0
-    """Restarts from the last checkpoint allowed after a worker failure."""
+    """Restarts from the last checkpoint allowed after a worker failure (-1: no limit, as in Ray's FailureConfig)."""
 
     def __post_init__(self) -> None:
-        bad = (not self.name or self.name in (".", "..") or self.name.startswith(".")
-               or any(c in self.name for c in "/\\\0") or self.name != self.name.strip())
-        if bad:  # the run directory is <storage_path>/<name>: a name may never lead outside it
-            _fail("checkpoint.name", f"must be one plain path component (no '/', '\\', leading '.' or "
-                  f"surrounding spaces), got {self.name!r}")
+        _check_numbers(self, "checkpoint.")
+        # The run directory is <storage_path>/<name>: a name may never lead outside it. Ray Train also carries
+        # it into metric tags, which take ASCII only.
+        if not is_plain_name(self.name):
+            _fail("checkpoint.name", f"must be one plain path component: {NAME_RULE}; got {self.name!r}")
         if not self.storage_path:
             _fail("checkpoint.storage_path", "empty (a local directory or an s3:// URI)")
-        if self.every_steps < 0 or self.keep < 1 or self.every_tokens < 0 or self.every_minutes < 0:
-            _fail("checkpoint", "every_steps, every_tokens and every_minutes must be >= 0 and keep >= 1")
-        if not 0 <= self.sigterm_grace_s < float("inf"):
-            _fail("checkpoint.sigterm_grace_s", f"must be a number >= 0, got {self.sigterm_grace_s}")
         if self.upload not in ("async", "sync"):
             _fail("checkpoint.upload", f"must be 'async' or 'sync', got {self.upload!r}")
-        if self.preemption_check_every < 0:
-            _fail("checkpoint.preemption_check_every", f"must be >= 0, got {self.preemption_check_every}")
-        if self.preemption_check_seconds < 0:
-            _fail("checkpoint.preemption_check_seconds", f"must be >= 0, got {self.preemption_check_seconds}")
 
 
 @dataclass(kw_only=True)
@@ -276,10 +349,7 @@ class EvalConfig:
     """JSONL(.gz) of WikiText-103 test documents for out-of-domain perplexity ('' = skip)."""
 
     def __post_init__(self) -> None:
-        if self.every_steps < 0:
-            _fail("eval.every_steps", f"must be >= 0, got {self.every_steps}")
-        if self.max_rows < 1:
-            _fail("eval.max_rows", f"must be >= 1, got {self.max_rows}")
+        _check_numbers(self, "eval.")
 
 
 @dataclass(kw_only=True)
@@ -301,7 +371,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Token-level validation."""
     seed: int = 0
-    """Seed for weights and anything random in the loop."""
+    """Seed for weights and anything random in the loop (0 <= seed < 2**32, numpy's range)."""
     log_every: int = 10
     """One log line every N optimizer steps."""
     compare_baseline: bool = False
@@ -310,16 +380,19 @@ class Config:
     """Price of one device-hour (GPU, or CPU worker) for the savings meter; 0 shows FLOPs and % only."""
 
     def __post_init__(self) -> None:
+        _check_numbers(self, "")
         if self.data.seq_len > self.model.max_position_embeddings:
             _fail("data.seq_len", f"{self.data.seq_len} exceeds model.max_position_embeddings="
                   f"{self.model.max_position_embeddings}")
-        if self.patch.context == "tokens" and self.data.seq_len % self.patch.k:
-            _fail("patch.k", f"K={self.patch.k} does not divide the patch-phase block of "
-                  f"data.seq_len={self.data.seq_len} tokens (patch.context='tokens')")
-        if self.log_every < 1:
-            _fail("log_every", f"must be >= 1, got {self.log_every}")
-        if not self.gpu_hour_price >= 0:
-            _fail("gpu_hour_price", f"must be >= 0, got {self.gpu_hour_price}")
+        # patch.context='tokens' reads a row of T tokens as T/K patches, and the next-patch loss scores patch
+        # j+1 from patch j: K must divide T and leave at least two patches (patching.next_patch_loss).
+        k, t = self.patch.k, self.data.seq_len
+        if self.patch.context == "tokens" and t // k < 2:
+            _fail("patch.k", f"K={k} leaves {t // k} patch{'' if t // k == 1 else 'es'} in a row of data.seq_len={t} "
+                  f"tokens (patch.context='tokens'); a row needs at least 2 patches, so K <= {t // 2}")
+        if self.patch.context == "tokens" and t % k:
+            _fail("patch.k", f"K={k} does not divide the patch-phase block of "
+                  f"data.seq_len={t} tokens (patch.context='tokens')")
         # Every phase's optimizer step is whole rows, at least one per worker. Rows that do not split evenly
         # across the workers (an elastic resize from 8 to 5, say) keep the step exact: optim.step_split.
         for name, block in (("patch", self.patch_block_tokens), ("token", self.data.seq_len)):
@@ -350,6 +423,7 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+@functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -388,6 +462,10 @@ def _coerce(value: Any, t: Any, name: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))  # exact, also past float precision
+            except ValueError:
+                pass
             try:
                 f = float(value.replace("_", ""))
             except ValueError:

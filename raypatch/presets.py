@@ -88,20 +88,7 @@ def load_config(source: str, overrides: list[str] | None = None) -> Config:
     if source in PRESETS:
         cfg = get(source)
     elif path.suffix in (".yaml", ".yml", ".json") and path.exists():
-        try:
-            if path.suffix == ".json":
-                d = json.loads(path.read_text())
-            else:
-                import yaml
-
-                d = yaml.safe_load(path.read_text()) or {}
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"config file {path}: not valid JSON ({e})") from None
-        except Exception as e:  # yaml.YAMLError: its message spans lines and points at the problem
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ValueError(f"config file {path}: not valid YAML{where} "
-                             f"({getattr(e, 'problem', None) or type(e).__name__})") from None
+        d = read_json(path) if path.suffix == ".json" else read_yaml(path)
         if not isinstance(d, dict):
             raise ValueError(f"config file {path}: expected a mapping at the top level")
         base = d.pop("preset", None)
@@ -123,6 +110,64 @@ def load_config(source: str, overrides: list[str] | None = None) -> Config:
 
     given = {k.split("=", 1)[0].strip().removeprefix("model.") for k in items if k.strip().startswith("model.")}
     return resolve(cfg, given)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON config file; a key given twice in one object is an error (json keeps the last silently)."""
+
+    def no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in d:
+                raise ValueError(f"config file {path}: key {k!r} given twice in one object")
+            d[k] = v
+        return d
+
+    try:
+        return json.loads(path.read_text(), object_pairs_hook=no_repeats)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"config file {path}: not valid JSON ({e})") from None
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML config file, read with safe_load's types plus three refusals, each one line naming the file:
+    a key given twice in one mapping (YAML keeps the last silently), aliases (`*name`: config files do not need
+    them, and they are how a self-referencing document loops forever or a small one expands to gigabytes, the
+    "billion laughs"), and nesting too deep to read."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise ValueError(f"config file {path}: line {event.start_mark.line + 1}: YAML alias "
+                                 f"*{event.anchor}: aliases (*name, also in '<<: *name') are not allowed in config "
+                                 f"files; write the values out")
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # not a plain key (SafeLoader refuses what it cannot hash), or `<<`
+                key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+                if key in seen:
+                    raise ValueError(f"config file {path}: line {line}: key {key!r} given twice in one mapping "
+                                     f"(first at line {seen[key]})")
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    try:
+        return yaml.load(path.read_text(), Loader=Loader) or {}  # a SafeLoader: plain data types only
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {path}: not valid YAML ({e})") from None
+    except RecursionError:
+        raise ValueError(f"config file {path}: nested too deeply to read (a config is two levels)") from None
+    except yaml.YAMLError as e:  # its message spans lines and points at the problem
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"config file {path}: not valid YAML{where} "
+                         f"({getattr(e, 'problem', None) or type(e).__name__})") from None
 
 
 def in_ray_job() -> bool:

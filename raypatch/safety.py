@@ -31,12 +31,12 @@ def one_line(msg: str) -> str:
 
 
 def check_name(value: str, field: str) -> str:
-    """A run or experiment name must be one plain path component: it becomes a directory under storage."""
-    bad = (not value or value in (".", "..") or value.startswith(".") or any(c in value for c in "/\\\0")
-           or value != value.strip())
-    if bad:
-        raise InputError(f"{field}: {value!r} is not a plain name (one path component, no '/', '\\\\', "
-                         f"leading '.' or surrounding spaces)")
+    """A run or experiment name must be one plain path component: it becomes a directory under storage, part of
+    file names and a Ray Train/Tune tag (ASCII only). The rule is config.NAME_RULE, as for checkpoint.name."""
+    from raypatch.config import NAME_RULE, is_plain_name
+
+    if not is_plain_name(value):
+        raise InputError(f"{field}: {value!r} is not a plain name (one path component: {NAME_RULE})")
     return value
 
 
