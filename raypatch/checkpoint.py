@@ -561,6 +561,16 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str |
         cfg = Config.from_dict(meta["config"])
     except ValueError as e:
         raise InputError(f"checkpoint {ckpt_dir}: {META} holds an invalid config ({e})") from None
+    tok_dir = tokenizer_dir or meta.get("tokenizer_dir")
+    if tok_dir and storage.is_uri(tok_dir):  # the shards' tokenizer on a store: a checked local copy
+        from raypatch.shards import fetch_tokenizer
+
+        tok_dir = fetch_tokenizer(tok_dir, meta.get("tokenizer_fingerprint"))
+    tok = None
+    if tok_dir and Path(tok_dir).is_dir():  # loaded before any work: a directory naming remote code is refused
+        from raypatch.prepare import load_tokenizer
+
+        tok = load_tokenizer(tok_dir)
     try:
         # zero_to_fp32 prints its progress to stdout, which is evaluate's JSON output: keep it off the terminal.
         with restricted_torch_load(), contextlib.redirect_stdout(io.StringIO()):
@@ -578,15 +588,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str |
         raise InputError(f"checkpoint {ckpt_dir}: weights do not match model ({missing=}, {unexpected=})")
     model.config.use_cache = True
     with building(out_dir) as tmp:
-        tok_dir = tokenizer_dir or meta.get("tokenizer_dir")
-        if tok_dir and storage.is_uri(tok_dir):  # the shards' tokenizer on a store: a checked local copy
-            from raypatch.shards import fetch_tokenizer
-
-            tok_dir = fetch_tokenizer(tok_dir, meta.get("tokenizer_fingerprint"))
-        if tok_dir and Path(tok_dir).is_dir():
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        if tok is not None:
             tok.save_pretrained(tmp)
             for attr in ("eos_token_id", "bos_token_id", "pad_token_id"):
                 setattr(model.config, attr, getattr(tok, attr))

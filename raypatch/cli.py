@@ -79,6 +79,8 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.max_rows < 1 or args.seq_len < 0:
         raise InputError(f"--max-rows must be >= 1 and --seq-len >= 0 (got {args.max_rows}, {args.seq_len})")
+    if not args.shards and not args.text:
+        raise InputError("evaluate: give --shards and/or --text")
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise InputError(f"--model {args.model}: no such directory")
@@ -89,38 +91,56 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def evaluate_model(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Everything is checked and every row made before the model loads: a directory that names remote code
+    (`auto_map`, or a model_type transformers does not build) and a set too short for one row are refused."""
     import math
 
-    from transformers import AutoModelForCausalLM
-
     from raypatch.data import TokenStream, text_rows, val_rows
+    from raypatch.hfdir import read_local_config
     from raypatch.model import lm_loss, loss_sum
 
     if not (model_dir / "config.json").exists():
         raise InputError(f"--model {args.model}: neither an HF model directory nor a raypatch checkpoint")
+    read_local_config(model_dir / "config.json", f"--model {args.model}")
     if not any(model_dir.glob("*.safetensors")):
         raise InputError(f"--model {args.model}: no .safetensors weights (raypatch loads no pickled weights)")
+    meta = json.loads((model_dir / "raypatch_meta.json").read_text()) if (model_dir / "raypatch_meta.json").exists() \
+        else {}
+    trained = meta.get("config", {}).get("data", {}).get("seq_len")
+    seq_len = args.seq_len or trained or 1024
+    length = ("--seq-len" if args.seq_len else "data.seq_len, the model's training context" if trained
+              else "the default: the model records no data.seq_len")
+    sets, sources = {}, {}  # name -> (N, T) rows; name -> what they came from
+    if args.shards:
+        sets["val"] = val_rows(TokenStream(args.shards, "val"), seq_len, args.max_rows)
+        sources["val"] = f"--shards {args.shards} (its val split)"
+    if args.text:
+        sets["text"] = text_rows(args.text, str(model_dir), seq_len, args.max_rows)
+        sources["text"] = f"--text {args.text}"
+    empty = [sources[name] for name, rows in sets.items() if len(rows) == 0]
+    if empty:  # a loss over no rows would read 0.0 (perplexity 1.0): a result that is not one
+        raise InputError(f"evaluate: no row of {seq_len} tokens ({length}) could be made from "
+                         f"{' nor from '.join(empty)}: fewer tokens than one row there (evaluate on more text, or "
+                         f"give a smaller --seq-len)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, local_files_only=True).eval()
+        model = _load_causal_lm(model_dir)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"--model {args.model}: cannot be loaded ({type(e).__name__}: "
                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
-    meta = json.loads((model_dir / "raypatch_meta.json").read_text()) if (model_dir / "raypatch_meta.json").exists() \
-        else {}
-    seq_len = args.seq_len or meta.get("config", {}).get("data", {}).get("seq_len") or 1024
-    sets = {}
-    if args.shards:
-        sets["val"] = val_rows(TokenStream(args.shards, "val"), seq_len, args.max_rows)
-    if args.text:
-        sets["text"] = text_rows(args.text, str(model_dir), seq_len, args.max_rows)
-    if not sets:
-        raise InputError("evaluate: give --shards and/or --text")
     out: dict[str, Any] = {"model": str(model_dir), "seq_len": seq_len}
     for name, rows in sets.items():
         total, count = loss_sum(lambda ids: lm_loss(model, ids, 1), rows, micro_batch=8)
-        loss = total / max(1, count)
+        loss = total / count
         out[name] = {"rows": count, "loss": loss, "ppl": math.exp(min(loss, 50.0))}
     return out
+
+
+def _load_causal_lm(model_dir: Path) -> Any:
+    """The exported model, from safetensors and local files only, running no code of the directory's own."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, local_files_only=True,
+                                                trust_remote_code=False).eval()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,9 @@ Everything is checked on the driver before a worker starts: the directory and it
 architecture is a causal LM built into transformers whose forward takes `inputs_embeds` (patch mode feeds averaged
 embeddings through the model's own input path, with position ids where the forward takes them, else positions are
 the index); that the weights are safetensors and match the config; and that no shape field given on the command
-line contradicts config.json. Nothing is downloaded and no remote code runs.
+line contradicts config.json. Nothing is downloaded and no remote code runs: every transformers load passes
+trust_remote_code=False, and a directory whose config.json or tokenizer_config.json names code of its own
+(`auto_map`) is refused up front (`check_no_remote_code`), as is a model_type transformers does not build.
 """
 
 from __future__ import annotations
@@ -25,6 +27,52 @@ SHAPE = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate
          "num_kv_heads": "num_key_value_heads", "max_position_embeddings": "max_position_embeddings",
          "rope_theta": "rope_theta", "tie_embeddings": "tie_word_embeddings", "init_std": "initializer_range"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
+"""Where a Hugging Face directory names Python code of its own (`auto_map`) for the Auto classes to import."""
+
+
+def check_no_remote_code(d: str | Path, label: str) -> None:
+    """Refuse a directory whose config.json or tokenizer_config.json names code of its own (`auto_map`).
+
+    transformers would import that code (a module file in the directory, or one from the Hub), asking on the
+    terminal first when trust_remote_code is left unset. raypatch passes trust_remote_code=False everywhere;
+    this check says so in one line naming the file, before anything is loaded. A file that is not valid JSON
+    is left to the loader, which cannot read it either (so runs nothing from it)."""
+    for name in REMOTE_CODE_FILES:
+        f = Path(d).expanduser() / name
+        try:
+            data = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+            named = data["auto_map"]
+            shown = ", ".join(f"{k} -> {v}" for k, v in named.items()) if isinstance(named, dict) else str(named)
+            kind = data.get("model_type")
+            # Some Hub repositories ship their own copy of an architecture transformers now builds (Phi-3's did).
+            fix = (f"its model_type {kind!r} is built into transformers: remove auto_map from {name} to use that"
+                   if name == "config.json" and isinstance(kind, str) and kind in CONFIG_MAPPING
+                   else "use an architecture and tokenizer built into transformers")
+            raise InputError(f"{label}: {f} names remote code (auto_map: {shown[:160]}); raypatch runs no code "
+                             f"from model or tokenizer directories (trust_remote_code=False): {fix}")
+
+
+def read_local_config(f: Path, label: str) -> dict[str, Any]:
+    """config.json's fields, refusing a directory that names remote code or a model_type this transformers does
+    not build (loading either would need code from outside transformers). `label` opens the error line."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    check_no_remote_code(f.parent, label)
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{label}: {f} is not valid JSON ({e})") from None
+    kind = d.get("model_type") if isinstance(d, dict) else None
+    if kind not in CONFIG_MAPPING:
+        raise InputError(f"{label}: {f} has model_type {kind!r}, which this transformers does not "
+                         f"build (raypatch runs no remote code)")
+    return d
 
 
 def config_file(field: str, path: str) -> Path:
@@ -42,14 +90,8 @@ def load_hf_config(field: str, path: str) -> Any:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     f = config_file(field, path)
-    try:
-        d = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"config field '{field}': {f} is not valid JSON ({e})") from None
-    kind = d.get("model_type") if isinstance(d, dict) else None
-    if kind not in CONFIG_MAPPING:
-        raise InputError(f"config field '{field}': {f} has model_type {kind!r}, which this transformers does not "
-                         f"build (raypatch runs no remote code)")
+    d = read_local_config(f, f"config field '{field}'")
+    kind = d["model_type"]
     try:
         conf = CONFIG_MAPPING[kind].from_dict(d)
     except Exception as e:  # a config class rejecting its values
@@ -217,6 +259,7 @@ def load_pretrained(m: ModelConfig) -> Any:
     from transformers import AutoModelForCausalLM
 
     files = weight_files(m)
+    check_no_remote_code(Path(m.init_from), "config field 'model.init_from'")  # also when called in a worker
     return AutoModelForCausalLM.from_pretrained(str(Path(m.init_from).expanduser()), dtype=torch.float32,
-                                                local_files_only=True,
+                                                local_files_only=True, trust_remote_code=False,
                                                 use_safetensors=files[0].suffix == ".safetensors")

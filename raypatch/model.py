@@ -60,7 +60,7 @@ def build_model(cfg: ModelConfig, *, seed: int | None = None, pretrained: bool =
 
         model = load_pretrained(cfg)
     else:
-        model = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=torch.float32, trust_remote_code=False)
     model.config.use_cache = False  # training never needs the KV cache; export turns it back on
     return model
 

@@ -129,6 +129,18 @@ def _open_text(path: str) -> io.TextIOBase:
     return io.TextIOWrapper(raw, encoding="utf-8", newline="")
 
 
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def check_encodable(text: str, where: str) -> None:
+    """Refuse a string holding a lone UTF-16 surrogate (JSON's `"\\ud800"` decodes to one): no tokenizer can
+    encode it, as it has no UTF-8 form."""
+    m = _SURROGATE.search(text)
+    if m is not None:
+        raise InputError(f"{where} holds a lone surrogate {ascii(m.group())[1:-1]} at character {m.start()}, "
+                         f"which cannot be encoded as UTF-8 (half of a UTF-16 pair; fix or drop this record)")
+
+
 def iter_documents(path: str, text_field: str = "text") -> Iterator[str]:
     """Yield the documents of one input file; errors name the file and line."""
     kind = _kind(path)
@@ -151,6 +163,10 @@ def iter_documents(path: str, text_field: str = "text") -> Iterator[str]:
                     if not isinstance(obj[text_field], str):
                         raise InputError(f"{where}:{lineno}: field '{text_field}' is "
                                          f"{type(obj[text_field]).__name__}, expected a string")
+                    # A lone surrogate can only come from a \u escape (the file itself is strict UTF-8): look
+                    # only then, so ordinary lines cost one substring test.
+                    if "\\u" in line:
+                        check_encodable(obj[text_field], f"{where}:{lineno}: field '{text_field}'")
                     yield obj[text_field]
         else:
             if storage.split(path)[0].endswith(".gz"):  # gzip has no random access: decompress it whole
@@ -234,20 +250,25 @@ def train_tokenizer(inputs: list[str], out_dir: str, *, vocab_size: int = 8192, 
 
 
 def check_tokenizer_dir(path: str) -> Path:
+    """A local tokenizer directory that names no code of its own (`auto_map`: refused, naming the file)."""
+    from raypatch.hfdir import check_no_remote_code
+
     p = Path(path)
     if not p.is_dir() or not any(p.glob("tokenizer*.json")):
         raise InputError(f"tokenizer {path}: not a local Hugging Face tokenizer directory "
                          f"(make one with `raypatch tokenizer train`)")
+    check_no_remote_code(p, f"tokenizer {path}")
     return p
 
 
 def load_tokenizer(path: str) -> Any:
-    """A local HF tokenizer directory (nothing is fetched from a hub)."""
+    """A local HF tokenizer directory (nothing is fetched from a hub, no code of the directory's own runs: one
+    that names some, `auto_map`, is refused with one line)."""
     from transformers import AutoTokenizer
 
     p = check_tokenizer_dir(path)
     try:
-        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # a broken tokenizer.json or config: name the directory, not a traceback
         raise InputError(f"tokenizer {path}: cannot be loaded ({type(e).__name__}: "
                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None

@@ -58,6 +58,7 @@ def refused(capsys, argv: list[str], pattern: str) -> str:
     # Progress bars may precede it on stderr; the error is one line, the last one, and nothing else says error.
     assert len(lines) == 1 and err.splitlines()[-1].startswith("raypatch: error: "), err
     assert "Traceback" not in err and "Error" not in err.replace(lines[0], ""), err
+    assert "\x1b" not in err, "ANSI escape codes on the terminal: " + repr(err)
     assert pattern in lines[0], err
     return lines[0]
 
@@ -123,6 +124,32 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
 
 
+LONE_SURROGATE = json.dumps({"text": "A fine first document."}) + "\n" + json.dumps({"text": "a \ud800 b"}) + "\n"
+"""JSONL whose line 2 holds a lone surrogate (`"a \\ud800 b"`): valid JSON, not encodable as UTF-8."""
+
+REMOTE_CODE_PROMPT = "Do you wish to run the custom code"
+
+
+def plant_remote_code(d: Path, marker: Path, where: str) -> Path:
+    """Make `d` name code of its own, as a downloaded model repository can: evil.py writes `marker` when
+    imported. where: "config.json" (an unknown model_type with AutoConfig/AutoModelForCausalLM in auto_map),
+    "known-type" (the existing config.json, its built-in model_type kept, plus auto_map) or
+    "tokenizer_config.json" (AutoTokenizer in auto_map, no built-in tokenizer_class to fall back on)."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    if where == "config.json":
+        (d / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {
+            "AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilForCausalLM"}}))
+    elif where == "known-type":
+        conf = json.loads((d / "config.json").read_text())
+        conf["auto_map"] = {"AutoModelForCausalLM": "evil.EvilForCausalLM"}
+        (d / "config.json").write_text(json.dumps(conf))
+    else:
+        (d / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["evil.EvilTokenizer",
+                                                                                           None]}}))
+    return d
+
+
 # --- fixtures ----------------------------------------------------------------------------------------
 
 
@@ -138,6 +165,50 @@ def run(shards, ray_local, tmp_path_factory):
     run_dir = Path(summary["run_dir"])
     ckpt = max(run_dir.glob("checkpoint-*"))
     return storage, run_dir, ckpt
+
+
+@pytest.fixture(autouse=True)
+def _ray_data_logs_to_this_tests_stderr():
+    """Ray Data's console log handler keeps the sys.stderr of the test that first ran a dataset in this process
+    (a capsys buffer, closed since): without this, every later in-process `prepare` prints a '--- Logging error
+    ---' traceback on the current stderr. Point it at the current one (assigned: setStream would flush the
+    closed buffer)."""
+    import logging
+
+    for h in logging.getLogger("ray.data").handlers:
+        if type(h).__name__ == "PlainRayHandler":
+            h.stream = sys.stderr
+    yield
+
+
+@pytest.fixture(scope="module")
+def hf_model(tokenizer_dir, tmp_path_factory) -> Path:
+    """A model directory as `raypatch export` writes it (the tiny preset's Llama, untrained, safetensors, the
+    session's tokenizer, raypatch_meta.json with data.seq_len=32), made without Ray or training."""
+    from raypatch.model import build_model
+    from raypatch.presets import load_config
+
+    cfg = load_config("tiny", [])
+    d = tmp_path_factory.mktemp("hf")
+    build_model(cfg.model, seed=0, pretrained=False).save_pretrained(d, safe_serialization=True)
+    for f in Path(tokenizer_dir).iterdir():
+        shutil.copy(f, d)
+    (d / "raypatch_meta.json").write_text(json.dumps({"config": cfg.to_dict()}))
+    return d
+
+
+@pytest.fixture
+def answer_yes(monkeypatch) -> list[str]:
+    """Every terminal prompt in this process is recorded and answered 'y' (the answer that runs remote code);
+    the test asserts that none came."""
+    asked: list[str] = []
+
+    def yes(prompt: str = "") -> str:
+        asked.append(prompt)
+        return "y"
+
+    monkeypatch.setattr("builtins.input", yes)
+    return asked
 
 
 # --- export ------------------------------------------------------------------------------------------
@@ -353,10 +424,13 @@ def test_prepare_overwrite_replaces_its_own_set(corpus, tokenizer_dir, shards, t
     ("empty", "the corpus is empty"),
     ("directory", "is a directory"),
     ("suffix", "unsupported file type"),
+    ("surrogate", "x.jsonl:2: field 'text' holds a lone surrogate \\ud800 at character 2, which cannot be encoded "
+                  "as UTF-8"),
 ])
 def test_prepare_bad_inputs(tokenizer_dir, ray_local, tmp_path, capsys, case, pattern):
     f = tmp_path / {"missing": "nope.jsonl", "no-match": "*.jsonl", "bad-gzip": "x.jsonl.gz", "bad-json": "x.jsonl",
-                    "not-string": "x.jsonl", "empty": "x.jsonl", "directory": "dir", "suffix": "x.csv"}[case]
+                    "not-string": "x.jsonl", "empty": "x.jsonl", "directory": "dir", "suffix": "x.csv",
+                    "surrogate": "x.jsonl"}[case]
     if case == "bad-gzip":
         f.write_bytes(b"not gzip")
     elif case == "bad-json":
@@ -369,6 +443,8 @@ def test_prepare_bad_inputs(tokenizer_dir, ray_local, tmp_path, capsys, case, pa
         f.mkdir()
     elif case == "suffix":
         f.write_text("a,b\n")
+    elif case == "surrogate":  # found in a Ray Data read task: it must travel out as data, not as a traceback
+        f.write_text(LONE_SURROGATE)
     before = snapshot(tmp_path)
     refused(capsys, _prepare(f, tokenizer_dir, tmp_path / "out"), pattern)
     assert_kept(before)
@@ -436,6 +512,142 @@ def test_prepare_joins_the_pieces_of_a_long_document(tokenizer_dir, ray_local, t
     assert m["documents"] == 3 and len(rows) == 3
     assert rows[1] == backend.encode(long_doc, add_special_tokens=False).ids + [eos]
     assert rows[2] == backend.encode("short two", add_special_tokens=False).ids + [eos]
+
+
+# --- remote code, encodings, empty evaluations ---------------------------------------------------------
+
+
+def _docs(tmp_path: Path) -> Path:
+    """A JSONL of real text (the embedded WikiText sample's first documents): enough for evaluate's rows."""
+    f = tmp_path / "docs.jsonl"
+    with gzip.open(ROOT / "raypatch" / "corpus" / "wikitext103-test-sample.jsonl.gz", "rt") as src:
+        f.write_text("".join(next(src) for _ in range(3)))
+    return f
+
+
+@pytest.mark.parametrize("where,pattern", [
+    ("config.json", "config.json names remote code (auto_map: AutoConfig -> evil.EvilConfig"),
+    ("known-type", "config.json names remote code (auto_map: AutoModelForCausalLM -> evil.EvilForCausalLM)"),
+    ("tokenizer_config.json", "tokenizer_config.json names remote code (auto_map: AutoTokenizer"),
+])
+def test_model_directories_naming_remote_code_are_refused(hf_model, tmp_path, capsys, answer_yes, where, pattern):
+    """evaluate --model, and train's model.init_from / model.hf_config on the same directory: one line naming
+    the file; the directory's evil.py is never imported and nothing asks on the terminal."""
+    marker = tmp_path / "RAN"
+    d = tmp_path / "model"
+    shutil.copytree(hf_model, d)
+    plant_remote_code(d, marker, where)
+    docs = _docs(tmp_path)
+    before = snapshot(tmp_path)
+    line = refused(capsys, ["evaluate", "--model", str(d), "--text", str(docs)], pattern)
+    assert f"--model {d}: {d}/{'tokenizer_config' if 'tokenizer' in where else 'config'}.json" in line
+    assert "trust_remote_code=False" in line
+    assert ("its model_type 'llama' is built into transformers: remove auto_map" in line) == (where == "known-type")
+    for field in ("init_from", "hf_config"):
+        refused(capsys, ["train", "--config", "tiny", "--set", f"model.{field}={d}",
+                         f"checkpoint.storage_path={tmp_path / 'runs'}"], f"'model.{field}': {d}/")
+    assert not marker.exists() and not any(m.rsplit(".", 1)[-1] == "evil" for m in sys.modules), "code ran"
+    assert not answer_yes, answer_yes
+    assert_kept(before)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_remote_code_is_refused_without_a_prompt_on_a_real_terminal(hf_model, tmp_path):
+    """`raypatch evaluate` as a process, stdin closed: one line, exit 2, no prompt, no traceback, nothing run."""
+    marker = tmp_path / "RAN"
+    d = tmp_path / "model"
+    shutil.copytree(hf_model, d)
+    plant_remote_code(d, marker, "config.json")
+    p = subprocess.run([sys.executable, "-m", "raypatch.cli", "evaluate", "--model", str(d), "--text",
+                        str(_docs(tmp_path))], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       env=clean_env(), timeout=300)
+    both = p.stdout + p.stderr
+    assert p.returncode == 2, both[-3000:]
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("raypatch: error:")]
+    assert len(lines) == 1 and f"{d}/config.json names remote code" in lines[0], both[-3000:]
+    assert REMOTE_CODE_PROMPT not in both and "Traceback" not in both and "\x1b" not in both, both[-3000:]
+    assert not marker.exists() and p.stdout == ""
+
+
+def test_every_transformers_load_refuses_remote_code_itself(hf_model, tokenizer_dir, tmp_path, monkeypatch,
+                                                             answer_yes):
+    """Behind the up-front check: with it switched off, each load raypatch makes (evaluate's model, the
+    tokenizer, init_from's weights) passes trust_remote_code=False, so transformers refuses without asking."""
+    import raypatch.hfdir as hfdir
+    from raypatch.cli import _load_causal_lm
+    from raypatch.config import ModelConfig
+    from raypatch.prepare import load_tokenizer
+
+    monkeypatch.setattr(hfdir, "check_no_remote_code", lambda *a, **k: None)
+    marker = tmp_path / "RAN"
+    model = tmp_path / "model"
+    shutil.copytree(hf_model, model)
+    plant_remote_code(model, marker, "config.json")
+    tok = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, tok)
+    plant_remote_code(tok, marker, "tokenizer_config.json")
+    with pytest.raises(ValueError, match="custom code"):
+        _load_causal_lm(model)
+    with pytest.raises(ValueError, match="custom code"):
+        hfdir.load_pretrained(ModelConfig(init_from=str(model)))
+    with pytest.raises(ValueError, match="contains custom code"):
+        load_tokenizer(str(tok))
+    assert not answer_yes and not marker.exists()
+
+
+def test_export_of_a_checkpoint_whose_tokenizer_names_remote_code(run, tokenizer_dir, tmp_path, capsys,
+                                                                   answer_yes):
+    """meta.json's tokenizer_dir pointing at a directory that names remote code: export (and evaluate of the
+    checkpoint) refuse it before consolidating anything; no output, nothing run, nothing asked."""
+    from raypatch.checkpoint import META
+
+    _, _, ckpt = run
+    marker = tmp_path / "RAN"
+    tok = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, tok)
+    plant_remote_code(tok, marker, "tokenizer_config.json")
+    c = _copy_ckpt(ckpt, tmp_path / "ckpt")
+    meta = json.loads((c / META).read_text())
+    meta["tokenizer_dir"] = str(tok)
+    (c / META).write_text(json.dumps(meta))
+    docs = _docs(tmp_path)
+    before = snapshot(tmp_path)
+    pattern = f"tokenizer {tok}: {tok}/tokenizer_config.json names remote code"
+    refused(capsys, ["export", "--checkpoint", str(c), "--out", str(tmp_path / "out")], pattern)
+    refused(capsys, ["evaluate", "--model", str(c), "--text", str(docs)], pattern)
+    assert not (tmp_path / "out").exists()
+    assert not marker.exists() and not answer_yes
+    assert_kept(before)
+
+
+@pytest.mark.parametrize("command", ["tokenizer", "evaluate"])
+def test_a_lone_surrogate_is_one_line_naming_file_and_line(hf_model, tmp_path, capsys, command):
+    """`tokenizer train` and `evaluate --text` (prepare's case, inside Ray Data: test_prepare_bad_inputs)."""
+    f = tmp_path / "docs.jsonl"
+    f.write_text(LONE_SURROGATE)
+    argv = {"tokenizer": ["tokenizer", "train", "--input", str(f), "--out", str(tmp_path / "tok"),
+                          "--vocab-size", "300"],
+            "evaluate": ["evaluate", "--model", str(hf_model), "--text", str(f)]}[command]
+    before = snapshot(tmp_path)
+    refused(capsys, argv, f"{f}:2: field 'text' holds a lone surrogate \\ud800 at character 2, which cannot be "
+                          f"encoded as UTF-8")
+    assert_kept(before)
+    assert not (tmp_path / "tok").exists()
+
+
+@pytest.mark.parametrize("extra,pattern", [
+    ([], "no row of 32 tokens (data.seq_len, the model's training context) could be made from --text "),
+    (["--seq-len", "4096"], "no row of 4096 tokens (--seq-len) could be made from --text "),
+])
+def test_evaluate_on_too_little_text_is_refused(hf_model, tmp_path, capsys, extra, pattern):
+    """Documents shorter than one row: an error, not `rows 0, loss 0.0, ppl 1.0`. Enough text scores."""
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"text": "Too short."}) + "\n" + json.dumps({"text": "Also short."}) + "\n")
+    line = refused(capsys, ["evaluate", "--model", str(hf_model), "--text", str(short), *extra], pattern)
+    assert line.endswith(f"--text {short}: fewer tokens than one row there (evaluate on more text, or give a "
+                         f"smaller --seq-len)"), line
+    assert main(["evaluate", "--model", str(hf_model), "--text", str(_docs(tmp_path)), "--max-rows", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"]["rows"] == 2
 
 
 # --- config, names and the other commands ----------------------------------------------------------
@@ -602,8 +814,11 @@ def test_worker_errors_reach_the_terminal_as_one_line(shards, tokenizer_dir, tmp
     reseal(d)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    surrogate = tmp_path / "surrogate.jsonl"
+    surrogate.write_text(LONE_SURROGATE)
     cases = [(tiny_args(str(d), tmp_path / "runs", "vocab", "checkpoint.max_failures=2"), "token id 100000"),
-             (_prepare(bad, tokenizer_dir, tmp_path / "out"), f"{bad}:2: no 'text' field")]
+             (_prepare(bad, tokenizer_dir, tmp_path / "out"), f"{bad}:2: no 'text' field"),
+             (_prepare(surrogate, tokenizer_dir, tmp_path / "out"), f"{surrogate}:2: field 'text' holds a lone")]
     for argv, pattern in cases:
         p = subprocess.run([sys.executable, "-m", "raypatch.cli", *argv], capture_output=True, text=True,
                            env=clean_env(), timeout=600)
@@ -611,6 +826,7 @@ def test_worker_errors_reach_the_terminal_as_one_line(shards, tokenizer_dir, tmp
         lines = [ln for ln in p.stderr.splitlines() if ln.startswith("raypatch: error:")]
         assert len(lines) == 1 and pattern in lines[0], p.stderr[-3000:]
         assert "Traceback" not in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
+        assert "\x1b" not in lines[0], lines[0]
 
 
 def test_local_cluster_listens_on_loopback_only(ray_local):
