@@ -581,6 +581,11 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str |
     except pickle.UnpicklingError as e:
         raise unpickle_error(e, str(ckpt_dir)) from None
     state = {k.removeprefix("hf."): v for k, v in state.items()}
+    bad = [k for k, v in state.items() if torch.is_floating_point(v) and not bool(torch.isfinite(v).all())]
+    if bad:  # an export is what users deploy: never one that holds NaN or inf
+        raise InputError(f"checkpoint {ckpt_dir}: {len(bad)} weight tensor(s) hold NaN or inf ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}); the run had diverged by then: export an earlier "
+                         f"checkpoint")
     model = build_model(cfg.model, pretrained=False)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight", "embed_out.weight"} if cfg.model.tie_embeddings else set()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 START_ATTEMPTS = 3
 RETRY_S = 10
@@ -34,10 +38,113 @@ def init_ray(num_cpus: int | None = None, *, dashboard: bool = True) -> None:
         say(f"connecting to the Ray cluster at {os.environ['RAY_ADDRESS']}")
         ray.init(log_to_driver=True)
     else:
-        n = num_cpus or max(4, (os.cpu_count() or 2) + 2)
+        n = num_cpus or local_cpus()
         say(f"starting a local Ray cluster ({n} logical CPUs, 127.0.0.1 only)")
         start_local_ray(n, dashboard=dashboard)
     _started.append(True)
+
+
+def local_cpus() -> int:
+    """The logical CPUs of the local cluster init_ray starts: two more than the cores, at least 4."""
+    return max(4, (os.cpu_count() or 2) + 2)
+
+
+def worker_resources(cfg: Any) -> dict[str, float]:
+    """One Train worker's Ray resources (its GPU, with scale.use_gpu, comes on top)."""
+    res = {"CPU": cfg.scale.cpus_per_worker}
+    for item in filter(None, cfg.scale.worker_resources.split(",")):
+        name, _, amount = item.partition("=")
+        res[name.strip()] = float(amount)
+    return res
+
+
+def room_needed(cfg: Any) -> dict[str, float]:
+    """What a run holds at once: its fewest workers' resources, plus a read task's CPU for Ray Data (with every
+    CPU held by Train workers, Ray Data's reads never get one and the run hangs)."""
+    n = cfg.scale.min_workers or cfg.scale.num_workers
+    need = {k: v * n for k, v in worker_resources(cfg).items()}
+    if cfg.scale.use_gpu:
+        need["GPU"] = need.get("GPU", 0.0) + n
+    need["CPU"] += cfg.data.read_cpus
+    return need
+
+
+def check_room(cfg: Any) -> None:
+    """Fail at once, naming what is missing, when the run can never start: on the local cluster raypatch
+    starts (or started), which never grows. On a cluster it joined, an autoscaler may add nodes: one line says
+    what the cluster lacks now (pending_lines follows up while the run waits)."""
+    import ray
+
+    from raypatch.console import say
+    from raypatch.safety import InputError
+
+    joined = bool(os.environ.get("RAY_ADDRESS")) or (ray.is_initialized() and not _started)
+    if ray.is_initialized():
+        have = ray.cluster_resources()
+    elif joined:
+        return  # connecting is init_ray's; it calls nothing here
+    else:  # before the local cluster starts: its CPUs are known, and it has no custom resources
+        have = {"CPU": float(local_cpus())}
+        if cfg.scale.use_gpu:
+            import torch
+
+            have["GPU"] = float(torch.cuda.device_count())
+    need = room_needed(cfg)
+    short = {k: v for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+    if not short:
+        return
+    n = cfg.scale.min_workers or cfg.scale.num_workers
+    what = "; ".join(f"{k} {need[k]:g} (has {have.get(k, 0.0):g})" for k in short)
+    parts = [f"{n} worker(s) x {worker_resources(cfg)}" + (" + 1 GPU each" if cfg.scale.use_gpu else "")]
+    if "CPU" in short:
+        parts.append(f"{cfg.data.read_cpus:g} CPU for Ray Data's reads (data.read_cpus)")
+    if joined:
+        say(f"the Ray cluster lacks {what} for {' + '.join(parts)} now; the run waits for an autoscaler to add "
+            f"nodes (a fixed cluster never will: then lower scale.num_workers or set scale.min_workers)")
+        return
+    raise InputError(f"scale.num_workers={cfg.scale.num_workers}: the run needs {what} on this machine's local Ray "
+                     f"cluster, for {' + '.join(parts)}; lower scale.num_workers or scale.cpus_per_worker, or run "
+                     f"on a cluster (RAY_ADDRESS)")
+
+
+@contextlib.contextmanager
+def pending_lines(say: Callable[[str], None], every_s: float = 60.0, after_s: float = 30.0) -> Iterator[None]:
+    """While the body runs, one line every `every_s` seconds once a placement group (a Train worker group asks
+    for one) has waited `after_s` for resources: what it waits for, since when, and what is free."""
+    import ray
+
+    stop = threading.Event()
+    first_seen: dict[str, float] = {}
+
+    def watch() -> None:
+        last = 0.0
+        while not stop.wait(min(5.0, after_s)):
+            try:
+                table = ray.util.placement_group_table()
+            except Exception:  # noqa: BLE001 - a cluster going down: the run reports that itself
+                continue
+            now = time.monotonic()
+            pending = {k: v for k, v in table.items() if v.get("state") in ("PENDING", "RESCHEDULING")}
+            for k in pending:
+                first_seen.setdefault(k, now)
+            waiting = [(now - first_seen[k], v) for k, v in pending.items() if now - first_seen[k] >= after_s]
+            if waiting and now - last >= every_s:
+                last = now
+                age, pg = max(waiting, key=lambda x: x[0])
+                bundles = list((pg.get("bundles") or {}).values())
+                asked = f"{len(bundles)} x {bundles[0]}" if bundles else "resources"
+                free = {k: round(v, 2) for k, v in ray.available_resources().items()
+                        if k in ("CPU", "GPU") or k in (bundles[0] if bundles else {})}
+                say(f"waiting {age:.0f} s for the cluster to place {asked} (free now: {free}); an autoscaling "
+                    f"cluster adds nodes for it, a fixed one never will")
+
+    t = threading.Thread(target=watch, daemon=True, name="raypatch-pending")
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(timeout=10)
 
 
 def start_local_ray(num_cpus: int, *, log_to_driver: bool = True, dashboard: bool = True) -> None:

@@ -108,6 +108,9 @@ def train_and_compare(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
         say(outputs(runs, results, cfg, None))
         return results
     check_storage(cfg)  # the log file goes beside the run directories: they must be possible first
+    from raypatch.cluster import check_room
+
+    check_room(cfg)  # before a local cluster starts: can it ever hold the run?
     with capture(log_file(cfg, "train")) as log:
         say(f"raypatch train: outputs go to {run_dir_of(cfg).parent}"
             + (f"; Ray, DeepSpeed and worker output to {log}" if log else ""))
@@ -255,18 +258,12 @@ def check_storage(cfg: Config) -> None:
                           "run directory (checkpoint.storage_path/checkpoint.name)")
 
 
-def worker_resources(cfg: Config) -> dict[str, float]:
-    res = {"CPU": cfg.scale.cpus_per_worker}
-    for item in filter(None, cfg.scale.worker_resources.split(",")):
-        name, _, amount = item.partition("=")
-        res[name.strip()] = float(amount)
-    return res
-
-
 def build_trainer(cfg: Config, *, callbacks: list | None = None, console: Any = None) -> Any:
     """The TorchTrainer for `cfg`: the same object for `raypatch train`, jobs and Tune trials."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from raypatch.cluster import worker_resources
 
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -304,7 +301,10 @@ def fit(cfg: Config, *, export: bool = True) -> dict[str, Any]:
     run_dir = run_dir_of(cfg)
     t0 = time.perf_counter()
     say(f"starting {cfg.scale.num_workers} Ray Train worker(s) (model, DeepSpeed engine, data pipeline)")
-    with relay() as console:
+    from raypatch.cluster import check_room, pending_lines
+
+    check_room(cfg)
+    with relay() as console, pending_lines(say):
         result = off_main_thread(build_trainer(cfg, console=console).fit)
     if result.error is not None:
         raise find_input_error(result.error) or result.error

@@ -7,6 +7,8 @@
   after each listed global step, once every checkpoint reported before has been committed (a marker file in the
   run directory keeps it to once).
 - RAYPATCH_STEP_DELAY_S=0.3 adds that much sleep to every step, so that a drill can place a resize in a phase.
+- RAYPATCH_NAN_LOSS_AT=3 (with RAYPATCH_KILL_RANK) makes that rank's loss NaN at global step 3, through the
+  real backward: the non-finite check must stop the run there.
 - RAYPATCH_KILL_IN_CHECKPOINT="8:upload" (with RAYPATCH_KILL_RANK) makes that rank SIGKILL itself at one point of
   writing checkpoint-0000008, once per run directory, after every earlier checkpoint was committed (so the point
   the run resumes from does not depend on timing). The points, in the order a checkpoint is written:
@@ -55,6 +57,12 @@ def maybe_inject_fault(run_dir: Path, rank: int, global_step: int) -> None:
 
             wait_until_committed()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def nan_loss_at(global_step: int, rank: int) -> bool:
+    """RAYPATCH_NAN_LOSS_AT (module docstring)."""
+    at = os.environ.get("RAYPATCH_NAN_LOSS_AT", "")
+    return bool(at) and int(at) == global_step and rank == int(os.environ.get("RAYPATCH_KILL_RANK", "0"))
 
 
 def attempt_id(device: Any) -> int:

@@ -31,7 +31,7 @@ from raypatch.checkpoint import (
 from raypatch.cluster import quiet_worker_logs
 from raypatch.config import Config
 from raypatch.data import PhasePlan, TokenStream, plan_dicts, plan_from_config, text_rows, val_rows, worker_dataset
-from raypatch.faults import after_step, attempt_id
+from raypatch.faults import after_step, attempt_id, nan_loss_at
 from raypatch.metrics import (
     MetricsWriter,
     ThroughputWindow,
@@ -159,11 +159,14 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         for step in range(state.step_in_phase, plan.num_steps):
             set_lr(engine, phase_lr(cfg, plans, plan, state, step))
             step_t = time.perf_counter()
-            blocks, error = forward_backward(engine, rows, plan, micro, cfg, w.device, window, log_loss, overlap)
+            blocks, error, bad = forward_backward(engine, rows, plan, micro, cfg, w.device, window, log_loss,
+                                                  overlap, poison=nan_loss_at(state.global_step + 1, w.rank))
             t_flags = time.perf_counter()
             # With the overlapped all-reduce the step's flags came with the gradient; else one all-reduce.
-            error, term = step_flags(error, w.device, None if overlap is None else overlap.finish())
-            if error:  # before the optimizer step: the bad batch never changes the weights
+            error, term, nonfinite = step_flags(error, w.device, None if overlap is None else overlap.finish(), bad)
+            if nonfinite and not error:
+                error = nonfinite_error(state, plan, step, phase_lr(cfg, plans, plan, state, step), nonfinite)
+            if error:  # before the optimizer step: the bad batch (or the diverged loss) never changes the weights
                 writer.close()
                 return {"error": error, "state": state.to_dict()}
             t_opt = time.perf_counter()
@@ -215,6 +218,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         if phase_index + 1 == len(plans):
             state.phase = len(plans)
 
+    if not metrics:  # resumed from the run's last checkpoint (a rerun after a crash at the end): evaluate again
+        last_eval = run_evaluation(engine, val_sets, cfg, state, plans[-1], w) | {"eval/step": state.global_step}
+        metrics = base_metrics(state, plans[-1], planned_tokens) | last_eval
     writer.close()
     import torch.distributed as dist
 
@@ -307,16 +313,19 @@ def phase_lr(cfg: Config, plans: list[PhasePlan], plan: PhasePlan, state: TrainS
 
 def forward_backward(engine: Any, rows: StepRows, plan: PhasePlan, micro: list[tuple[int, float]], cfg: Config,
                      device: Any, window: ThroughputWindow, log_loss: torch.Tensor,
-                     overlap: OverlappedAllReduce | None = None) -> tuple[list[int], str]:
+                     overlap: OverlappedAllReduce | None = None, poison: bool = False
+                     ) -> tuple[list[int], str, torch.Tensor]:
     """One optimizer step: this rank's rows of the step through forward and backward, in the micro-batches
-    `micro` lists ((rows, loss weight) each: optim.step_split); returns the blocks trained and this rank's
-    data error ('' when none: see StepRows)."""
+    `micro` lists ((rows, loss weight) each: optim.step_split); returns the blocks trained, this rank's
+    data error ('' when none: see StepRows) and a flag tensor, 1 when one of its losses was not finite (left
+    on the device: no synchronisation here)."""
     t = time.perf_counter()
     ids_all, blocks, error = rows.take(sum(m for m, _ in micro))
     t_data = time.perf_counter()
     window.wait += t_data - t
     mb = cfg.optim.micro_batch_size
     at = 0
+    step_loss = torch.zeros((), dtype=torch.float64, device=device)  # NaN or inf once any loss was
     for i, (m, weight) in enumerate(micro):
         # A rank with no row left for this micro-batch (more workers than rows) runs one zero row at weight 0:
         # under ZeRO-3 every forward is a collective.
@@ -324,15 +333,18 @@ def forward_backward(engine: Any, rows: StepRows, plan: PhasePlan, micro: list[t
         at += m
         ids = torch.from_numpy(batch.astype(np.int64)).to(device)  # (m, block_tokens)
         engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
-        if overlap is not None:
-            last = i == len(micro) - 1
-            overlap.arm(last, local_flags(error, device) if last else None)
         loss = engine(ids, plan.k)
+        if poison:  # faults.nan_loss_at: a diverged step, for tests (NaN gradients through the real backward)
+            loss = loss * float("nan")
+        step_loss = step_loss + loss.detach().double()
+        if overlap is not None:  # armed after the forward, before the backward whose hooks send the gradients
+            last = i == len(micro) - 1
+            overlap.arm(last, local_flags(error, device, step_loss) if last else None)
         engine.backward(loss if weight == 1.0 else loss * weight)
         log_loss[0] += loss.detach().double() * (m / mb)  # a row-weighted mean; m / mb is 1.0 for full batches
         log_loss[1] += m / mb
     window.parts["forward_backward"] += time.perf_counter() - t_data
-    return blocks, error
+    return blocks, error, step_loss
 
 
 class StepRows:
@@ -377,27 +389,37 @@ class StepRows:
         return ids, trained, ""
 
 
-def local_flags(error: str, device: Any) -> torch.Tensor:
-    """This rank's step flags: [a data error, SIGTERM received]."""
-    return torch.tensor([1.0 if error else 0.0, 1.0 if sigterm_received() else 0.0], device=device)
+def local_flags(error: str, device: Any, step_loss: torch.Tensor) -> torch.Tensor:
+    """This rank's step flags: [a data error, SIGTERM received, a loss of the step not finite]."""
+    head = torch.tensor([1.0 if error else 0.0, 1.0 if sigterm_received() else 0.0], device=device)
+    return torch.cat([head, (~torch.isfinite(step_loss)).to(head.dtype).view(1)])
 
 
-def step_flags(error: str, device: Any, summed: torch.Tensor | None = None) -> tuple[str, bool]:
+def step_flags(error: str, device: Any, summed: torch.Tensor | None, step_loss: torch.Tensor) -> tuple[str, bool, int]:
     """Collective, once a step: ('' when no rank saw a data error in this step, else the lowest failing rank's
-    message; whether any rank got SIGTERM). One all-reduce carries both flags, unless `summed` is their sum
-    already (the overlapped gradient all-reduce carried them)."""
+    message; whether any rank got SIGTERM; how many ranks saw a loss that is not finite). One all-reduce
+    carries the flags, unless `summed` is their sum already (the overlapped gradient all-reduce carried them)."""
     import torch.distributed as dist
 
     flag = summed
     if flag is None:
-        flag = local_flags(error, device)
+        flag = local_flags(error, device, step_loss)
         dist.all_reduce(flag)
-    term = bool(flag[1].item())
+    term, nonfinite = bool(flag[1].item()), int(flag[2].item())
     if flag[0].item() == 0:
-        return "", term
+        return "", term, nonfinite
     errors: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
-    return next(e for e in errors if e), term
+    return next(e for e in errors if e), term, nonfinite
+
+
+def nonfinite_error(state: TrainState, plan: PhasePlan, step: int, lr: float, ranks: int) -> str:
+    """The one line for a diverged step. A NaN or inf loss gives NaN gradients, which the all-reduce spreads to
+    every rank: the run stops before the optimizer step, so no weight, checkpoint or export holds them."""
+    return (f"the training loss is not finite at step {state.global_step + 1} ({plan.phase} phase, step "
+            f"{step + 1}/{plan.num_steps}, on {ranks} worker(s)); the step was not applied and the run stops. "
+            f"The learning rate was {lr:.3g}: lower optim.lr, or check the data; "
+            f"rerunning resumes from the last checkpoint")
 
 
 def base_metrics(state: TrainState, plan: PhasePlan, planned_tokens: int) -> dict[str, Any]:

@@ -12,12 +12,22 @@ halving is offered over *budgets*: every rung runs complete two-phase schedules,
 the rung before, on the best 1/η of the configurations.
 
 Ray Train V2's pattern: `Tuner(driver)`, whose driver builds and fits the same TorchTrainer as
-`raypatch train`, with `TuneReportCallback`; trial run names derive from the trial id.
+`raypatch train`, with `TuneReportCallback`. A trial's run is named by its parameters (trial_name), not by Tune's
+trial id, so the same point of the same experiment is always the same run.
+
+Rerunning an experiment never restores Tune's own state (`Tuner.restore` unpickles files of the experiment
+directory, which on shared storage anyone may have written). raypatch keeps its own JSON record instead:
+experiment.json (budget, points, base config: a rerun with others is refused) and each finished trial's
+trial.json. A rerun takes the finished trials from their records and starts a fresh Tune run for the others,
+which resume from their own checkpoints (checked like any `raypatch train` resume). Random search draws its
+points from the config's seed, so a rerun continues the same sample.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import itertools
 import json
 import os
@@ -79,6 +89,35 @@ def grid_points(space: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
+def sample_points(space: dict[str, Any], num_samples: int, seed: int) -> list[dict[str, Any]]:
+    """Random search's points, drawn from `seed` (the same sample on every rerun), duplicates dropped."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out, seen = [], set()
+    for _ in range(num_samples):
+        p: dict[str, Any] = {}
+        for k, v in space.items():
+            if isinstance(v, list):
+                p[k] = v[int(rng.integers(len(v)))]
+            else:
+                kind, a, b = v
+                x = rng.uniform(a, b) if kind == "uniform" else float(np.exp(rng.uniform(np.log(a), np.log(b))))
+                p[k] = round(float(x), 6)
+        if str(p.get("patch.k", "")) == "1" and "patch.lam" in p:
+            p["patch.lam"] = "0"
+        if trial_name(p) not in seen:
+            seen.add(trial_name(p))
+            out.append(p)
+    return out
+
+
+def trial_name(params: dict[str, Any]) -> str:
+    """A trial's run name from its parameters: rerunning a point resumes its run instead of starting another."""
+    blob = json.dumps({k: str(v) for k, v in params.items()}, sort_keys=True)
+    return "trial-" + hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
 # --- fixed compute -----------------------------------------------------------------------------------
 
 
@@ -115,17 +154,15 @@ def trial_config(base: Config, params: dict[str, Any], budget: float, *, corpus_
 
 def train_driver(config: dict[str, Any]) -> None:
     """One Tune trial: build the same TorchTrainer as `raypatch train` for this trial's config and fit it."""
-    import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raypatch import storage
     from raypatch.driver import build_trainer, preflight
 
     base = Config.from_dict(config["base"])
-    trial = ray.tune.get_context().get_trial_id()
     cfg = trial_config(base, config["params"], config["budget"], corpus_tokens=config["corpus_tokens"],
                        flops_per_pos=config.get("flops_per_pos"), multi_epoch=config.get("multi_epoch", False),
-                       name=f"trial-{trial}")
+                       name=trial_name(config["params"]))
     cfg = replace(cfg, checkpoint={"storage_path": config["trials_dir"]})
     preflight(cfg)
     t0 = time.perf_counter()
@@ -135,7 +172,7 @@ def train_driver(config: dict[str, Any]) -> None:
     if (result.return_value or {}).get("error"):
         raise InputError(result.return_value["error"])
     storage.write_text(storage.join(config["trials_dir"], cfg.checkpoint.name, "trial.json"), json.dumps(
-        {"params": config["params"], "config": cfg.to_dict(), "wall_s": time.perf_counter() - t0,
+        {"version": 1, "params": config["params"], "config": cfg.to_dict(), "wall_s": time.perf_counter() - t0,
          "state": (result.return_value or {}).get("state"), "final": (result.return_value or {}).get("final")}))
 
 
@@ -180,88 +217,198 @@ def max_concurrent(cfg: Config) -> int:
     return max(1, int((res.get("CPU", 1) - 1) // per_trial))
 
 
+EXPERIMENT = "experiment.json"
+TRIAL = "trial.json"
+
+
+def experiment_record(base: Config, *, budget: float, search: str, points: list[dict[str, Any]] | None,
+                      space: dict[str, Any] | None, num_samples: int, flops_per_pos: float | None,
+                      multi_epoch: bool) -> dict[str, Any]:
+    """What makes an experiment's trials comparable; a rerun under the same name must match it."""
+    return {"version": 1, "budget": budget, "search": search, "points": points,
+            "space": None if points is not None else {k: v if isinstance(v, list) else list(v)
+                                                      for k, v in (space or {}).items()},
+            "num_samples": num_samples, "flops_per_pos": flops_per_pos, "multi_epoch": multi_epoch,
+            "base": base.to_dict()}
+
+
+def check_experiment(exp_dir: str, record: dict[str, Any], name: str) -> None:
+    """Write the experiment's record, or refuse a rerun whose budget, points or config differ from it."""
+    from raypatch import storage as store
+    from raypatch.driver import config_diff
+
+    path = store.join(exp_dir, EXPERIMENT)
+    text = store.read_text(path)
+    if text is None:
+        if store.is_file(store.join(exp_dir, "tuner.pkl")):
+            raise InputError(f"experiment {store.display(exp_dir)} was made by an older raypatch that resumed "
+                             f"through Tune's pickled state, which is never loaded now; use a new --name")
+        store.write_text(path, json.dumps(record, indent=1))
+        return
+    try:
+        old = json.loads(text)
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise InputError(f"{store.display(path)} is damaged ({e}); move the experiment away or use a new "
+                         f"--name") from None
+    diff = [f"{k}: {old.get(k)!r} -> {record[k]!r}" for k in ("budget", "search", "points", "space", "num_samples",
+                                                                 "flops_per_pos", "multi_epoch")
+            if old.get(k) != record[k]]
+    diff += config_diff(old.get("base") or {}, record["base"])
+    diff = [d for d in diff if not d.startswith("scale.")]  # the same trials on another cluster shape
+    if diff:
+        raise InputError(f"experiment {name} was run with other settings ({'; '.join(diff)[:400]}); rerun it "
+                         f"with the same ones, or use a new --name")
+
+
+def finished_trial(trials_dir: str, name: str) -> dict[str, Any] | None:
+    """A finished trial's record (JSON only), or None when it has not finished."""
+    from raypatch import storage as store
+
+    path = store.join(trials_dir, name, TRIAL)
+    text = store.read_text(path)
+    if text is None:
+        return None
+    try:
+        info = json.loads(text)
+        if not isinstance(info, dict) or not isinstance(info.get("final"), dict):
+            raise ValueError("no final metrics")
+    except ValueError as e:
+        raise InputError(f"{store.display(path)} is damaged ({e}); move it away to train that trial again") from None
+    return info
+
+
+def trial_row(name: str, info: dict[str, Any]) -> dict[str, Any]:
+    cfg = info.get("config") or {}
+    st = TrainState.from_dict(info.get("state") or {})
+    tok, final = st.tokens, info["final"]
+    return {"trial": name, **{f"param:{k}": v for k, v in (info.get("params") or {}).items()},
+            "K": cfg.get("patch", {}).get("k"), "lam": round(cfg.get("patch", {}).get("lam", 0.0), 4),
+            "D": tok.get("patch", 0) + tok.get("token", 0), "patch_tokens": tok.get("patch"),
+            "token_tokens": tok.get("token"), "positions": sum(st.positions.values()), "flops": st.flops,
+            "val_loss": final.get("val/loss"), "val_ppl": final.get("val/ppl"),
+            "wikitext_ppl": final.get("wikitext/ppl"), "wall_s": round(info.get("wall_s", 0.0), 1), "config": cfg}
+
+
 def run_search(base: Config, *, budget: float, space: dict[str, Any] | None = None, name: str, storage: str,
                search: str = "grid", num_samples: int = 8, flops_per_pos: float | None = None,
                multi_epoch: bool = False, concurrency: int = 0,
                points: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """One Tune experiment at one budget; resumes it (Tuner.restore) when it exists. Returns the trial rows.
+    """One experiment at one budget; continues it when it exists (module docstring: from raypatch's JSON
+    records, never Tune's pickled state). Returns the trial rows.
 
     `space` is parsed by parse_space; `points` gives the grid's points directly (successive halving).
     """
-    from ray import tune
-
     from raypatch.shards import load_manifest
 
     corpus = load_manifest(base.data.shards)["splits"]["train"]["tokens"]
     # Reports carry the latest val/loss, but a checkpoint saved before a trial's first evaluation has none;
-    # Tune's strict check would end the whole search on it. Trials are ranked on their final report.
+    # Tune's strict check would end the whole search on it. Trials are ranked on their final record.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     from raypatch import storage as store
 
-    # The experiment (Tune's state, each trial's checkpoints and trial.json) lives under the storage path: a local
-    # directory, or a URI such as s3://bucket/prefix?endpoint_override=... (its query stays last).
+    # The experiment (raypatch's records, Tune's runs, each trial's checkpoints) lives under the storage path: a
+    # local directory, or a URI such as s3://bucket/prefix?endpoint_override=... (its query stays last).
     storage = storage if store.is_uri(storage) else str(Path(storage).expanduser().resolve())
     exp_dir, trials_dir = store.join(storage, name), store.join(storage, name, "trials")
-    common = {"base": base.to_dict(), "budget": budget, "corpus_tokens": corpus, "flops_per_pos": flops_per_pos,
-              "multi_epoch": multi_epoch, "trials_dir": str(trials_dir)}
+    from raypatch.cluster import check_room
+
+    check_room(base)  # every trial runs base's workers: a local cluster that can hold none fails here
+    if search not in ("grid", "random", "optuna"):
+        raise ValueError(f"--search {search!r}: expected grid, random or optuna")
     if search == "grid":
         points = points if points is not None else grid_points(space or {})
-        for p in points:  # fail fast, before any trial starts, on a budget a trial cannot use
-            trial_config(base, p, budget, corpus_tokens=corpus, flops_per_pos=flops_per_pos, multi_epoch=multi_epoch)
+    elif search == "random":
+        points = sample_points(space or {}, num_samples, base.seed)
+    for p in points or []:  # fail fast, before any trial starts, on a budget a trial cannot use
+        trial_config(base, p, budget, corpus_tokens=corpus, flops_per_pos=flops_per_pos, multi_epoch=multi_epoch)
+    if not store.is_uri(storage):
+        Path(storage).mkdir(parents=True, exist_ok=True)
+    check_experiment(exp_dir, experiment_record(base, budget=budget, search=search, points=points, space=space,
+                                                num_samples=num_samples, flops_per_pos=flops_per_pos,
+                                                multi_epoch=multi_epoch), name)
+    done: dict[str, dict[str, Any]] = {}
+    if points is not None:
+        for p in points:
+            if (info := finished_trial(trials_dir, trial_name(p))) is not None:
+                done[trial_name(p)] = info
+        todo = [p for p in points if trial_name(p) not in done]
+    else:  # optuna: the points are chosen as it goes; the finished ones count towards num_samples
+        for path in store.glob(store.join(trials_dir, "trial-*", TRIAL)):
+            trial = Path(path.split("?")[0]).parent.name
+            if (info := finished_trial(trials_dir, trial)) is not None:
+                done[trial] = info
+        todo = [{}] * max(0, num_samples - len(done))
+    if done:
+        from raypatch.console import say
+
+        say(f"experiment {name}: {len(done)} trial(s) finished earlier (taken from their records), {len(todo)} "
+            f"to run")
+    errors = []
+    if todo:
+        errors = _tune(base, todo if points is not None else None, space=space, search=search, budget=budget,
+                       corpus=corpus, flops_per_pos=flops_per_pos, multi_epoch=multi_epoch, exp_dir=exp_dir,
+                       trials_dir=trials_dir, concurrency=concurrency, samples=len(todo))
+    rows = []
+    names = [trial_name(p) for p in points] if points is not None else []
+    for p_name in names or sorted(done):
+        info = done.get(p_name) or finished_trial(trials_dir, p_name)
+        if info is not None:
+            rows.append(trial_row(p_name, info))
+    if points is None:  # optuna's new trials
+        for path in store.glob(store.join(trials_dir, "trial-*", TRIAL)):
+            trial = Path(path.split("?")[0]).parent.name
+            if trial not in done and (info := finished_trial(trials_dir, trial)) is not None:
+                rows.append(trial_row(trial, info))
+    return rows + [e for e in errors if e["trial"] not in {r["trial"] for r in rows}]
+
+
+def _tune(base: Config, points: list[dict[str, Any]] | None, *, space: dict[str, Any] | None, search: str,
+          budget: float, corpus: int, flops_per_pos: float | None, multi_epoch: bool, exp_dir: str,
+          trials_dir: str, concurrency: int, samples: int) -> list[dict[str, Any]]:
+    """A fresh Tune run (named by its start time, under the experiment) over `points`, or `samples` Optuna
+    suggestions; returns a row per failed trial."""
+    import ray
+    from ray import tune
+
+    common = {"base": base.to_dict(), "budget": budget, "corpus_tokens": corpus, "flops_per_pos": flops_per_pos,
+              "multi_epoch": multi_epoch, "trials_dir": str(trials_dir)}
+    search_alg = None
+    if points is not None:
         param_space = {**common, "params": tune.grid_search(points)}
-        samples, search_alg = 1, None
+        samples = 1
     else:
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as e:
+            raise ValueError("--search optuna needs optuna installed (pip install 'raypatch[tune]')") from e
         dom = {k: tune.choice(v) if isinstance(v, list) else
                (tune.loguniform if v[0] == "loguniform" else tune.uniform)(v[1], v[2])
                for k, v in (space or {}).items()}
         param_space = {**common, "params": dom}
-        samples, search_alg = num_samples, None
-        if search == "optuna":
-            try:
-                from ray.tune.search.optuna import OptunaSearch
-            except ImportError as e:
-                raise ValueError("--search optuna needs optuna installed (pip install 'raypatch[tune]')") from e
-            search_alg = OptunaSearch(metric="val/loss", mode="min")
-        elif search != "random":
-            raise ValueError(f"--search {search!r}: expected grid, random or optuna")
+        search_alg = OptunaSearch(metric="val/loss", mode="min", seed=base.seed)
     # The trial driver only waits on its TorchTrainer. On a cluster whose head carries the custom resource
     # "driver" (cluster.yaml), drivers stay on that on-demand node, never on a spot worker.
-    import ray
-
     resources = {"CPU": 0.01} | ({"driver": 0.01} if ray.cluster_resources().get("driver") else {})
-    trainable = tune.with_resources(train_driver, resources)
-    if not store.is_uri(storage):
-        Path(storage).mkdir(parents=True, exist_ok=True)
-    if tune.Tuner.can_restore(exp_dir):
-        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(metric="val/loss", mode="min", num_samples=samples, search_alg=search_alg,
-                                        max_concurrent_trials=concurrency or max_concurrent(base)),
-            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[trial_lines()],
-                                      verbose=0))
-    grid = tuner.fit()
-    rows = []
+    from raypatch.cluster import pending_lines
+    from raypatch.console import say
+
+    tuner = tune.Tuner(
+        tune.with_resources(train_driver, resources), param_space=param_space,
+        tune_config=tune.TuneConfig(metric="val/loss", mode="min", num_samples=samples, search_alg=search_alg,
+                                    max_concurrent_trials=concurrency or max_concurrent(base)),
+        run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=exp_dir,
+                                  callbacks=[trial_lines()], verbose=0))
+    errors = []
+    with pending_lines(say):
+        grid = tuner.fit()
     for r in grid:
         if r.error is not None or not r.metrics:
-            rows.append({"trial": r.path and Path(r.path).name, "error": str(r.error).splitlines()[0]
-                         if r.error else "no result"})
-            continue
-        trial_id = r.metrics.get("trial_id")
-        info = json.loads(store.read_text(store.join(trials_dir, f"trial-{trial_id}", "trial.json")) or "{}")
-        cfg = info.get("config") or {}
-        st = TrainState.from_dict(info.get("state") or {})
-        tok = st.tokens
-        rows.append({
-            "trial": f"trial-{trial_id}", **{f"param:{k}": v for k, v in r.config["params"].items()},
-            "K": cfg.get("patch", {}).get("k"), "lam": round(cfg.get("patch", {}).get("lam", 0.0), 4),
-            "D": tok.get("patch", 0) + tok.get("token", 0), "patch_tokens": tok.get("patch"),
-            "token_tokens": tok.get("token"), "positions": sum(st.positions.values()),
-            "flops": st.flops, "val_loss": r.metrics.get("val/loss"), "val_ppl": r.metrics.get("val/ppl"),
-            "wikitext_ppl": r.metrics.get("wikitext/ppl"), "wall_s": round(info.get("wall_s", 0.0), 1),
-            "config": cfg})
-    return rows
+            params = (r.config or {}).get("params") or {}
+            errors.append({"trial": trial_name(params) if params else (r.path and Path(r.path).name),
+                           "error": str(r.error).splitlines()[0] if r.error else "no result"})
+    return errors
 
 
 def successive_halving(base: Config, *, budget: float, space: dict[str, Any], name: str, storage: str,
@@ -288,16 +435,20 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: str | Path, *, budget: fl
     """results.csv, results.md, heatmap.png (K × λ of final val loss) and best.yaml; `note` (ladder.transfer_note)
     goes beside the winner."""
     out = Path(out_dir)
+    ok = [r for r in rows if r.get("val_loss") is not None]
+    if not ok:
+        first = next((f"{r.get('trial')}: {r.get('error')}" for r in rows if r.get("error")), "no trial ran")
+        kept = f"; the earlier results in {out} are left as they were" if (out / "results.md").exists() else ""
+        raise InputError(f"no trial finished ({len(rows)} failed; first: {first}){kept}")
     out.mkdir(parents=True, exist_ok=True)
     cols = ["trial", "K", "lam", "D", "patch_tokens", "token_tokens", "positions", "flops", "val_loss", "val_ppl",
             "wikitext_ppl", "wall_s"]
     if any("rung" in r for r in rows):
         cols = ["rung", "budget", *cols]
-    ok = [r for r in rows if r.get("val_loss") is not None]
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(sorted(ok, key=lambda r: r["val_loss"]))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(sorted(ok, key=lambda r: r["val_loss"]))
     md = [f"Budget: {budget:,.0f} positions per trial; wall-clock of the search: {wall_s:.0f} s.", "",
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in sorted(ok, key=lambda r: r["val_loss"]):
@@ -305,20 +456,21 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: str | Path, *, budget: fl
     for r in rows:
         if r.get("val_loss") is None:
             md.append(f"\nfailed: {r.get('trial')}: {r.get('error')}")
-    if ok:
-        best = min(ok, key=lambda r: r["val_loss"])
-        md += ["", f"Winner: {best['trial']} (K={best.get('K')}, λ={_fmt(best.get('lam'))}), final val loss "
-                   f"{best['val_loss']:.4f}." + (f" {note}" if note else "")]
-    (out / "results.md").write_text("\n".join(md) + "\n")
-    paths = {"csv": out / "results.csv", "md": out / "results.md"}
-    if ok:
-        best = min(ok, key=lambda r: r["val_loss"])
-        cfg = Config.from_dict(best["config"])
-        cfg = replace(cfg, checkpoint={"name": f"best-of-{out.name}"})
-        head = f"# best trial {best['trial']}: final val loss {best['val_loss']:.4f}; run it with raypatch train\n"
-        (out / "best.yaml").write_text(head + to_yaml(cfg))
-        paths["best"] = out / "best.yaml"
-        paths["heatmap"] = heatmap(ok, out / "heatmap.png")
+    best = min(ok, key=lambda r: r["val_loss"])
+    md += ["", f"Winner: {best['trial']} (K={best.get('K')}, λ={_fmt(best.get('lam'))}), final val loss "
+               f"{best['val_loss']:.4f}." + (f" {note}" if note else "")]
+    cfg = replace(Config.from_dict(best["config"]), checkpoint={"name": f"best-of-{out.name}"})
+    head = f"# best trial {best['trial']}: final val loss {best['val_loss']:.4f}; run it with raypatch train\n"
+    paths = {"csv": out / "results.csv", "md": out / "results.md", "best": out / "best.yaml"}
+    # Each file is written beside its place and renamed into it: a crash leaves the old one or the new one.
+    for key, text in (("csv", buf.getvalue()), ("md", "\n".join(md) + "\n"), ("best", head + to_yaml(cfg))):
+        tmp = paths[key].with_name(f".{paths[key].name}.tmp-{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, paths[key])
+    tmp = out / f".heatmap.tmp-{os.getpid()}.png"
+    heatmap(ok, tmp)
+    paths["heatmap"] = out / "heatmap.png"
+    os.replace(tmp, paths["heatmap"])
     return paths
 
 

@@ -219,9 +219,9 @@ def test_checkpoints_on_s3_survive_a_worker_kill_and_a_stopped_run(reference, sh
 
 
 def test_tune_stores_and_restores_its_experiment_on_s3(s3_shards, s3_server, home, tmp_path):
-    """A search with its shards and its storage on S3: every trial streams the set from the bucket; Tune's
-    experiment state and every trial's checkpoints and trial.json land in the bucket; running the same name
-    again restores it from there and retrains nothing."""
+    """A search with its shards and its storage on S3: every trial streams the set from the bucket; raypatch's
+    experiment record, Tune's run and every trial's checkpoints and trial.json land in the bucket; running the
+    same name again continues it from those JSON records and retrains nothing (no new Tune run)."""
     from raypatch.tune import parse_space, run_search
     from tests.test_tune import BUDGET, base
 
@@ -234,8 +234,9 @@ def test_tune_stores_and_restores_its_experiment_on_s3(s3_shards, s3_server, hom
     assert len(ok) == 2 and all(BUDGET - 512 < r["positions"] <= BUDGET for r in rows), rows
     stored = keys(client, "tune/s3search/")
     assert any(k.endswith("/trial.json") for k in stored) and any("/checkpoint-" in k for k in stored)
-    assert any(k.startswith("tune/s3search/experiment_state") or "tuner.pkl" in k for k in stored), stored[:20]
+    assert "tune/s3search/experiment.json" in stored and any(k.startswith("tune/s3search/tune-") for k in stored)
     again = run_search(cfg, budget=BUDGET, space=space, name="s3search", storage=storage, concurrency=2)
+    assert keys(client, "tune/s3search/") == stored  # nothing written: every trial was taken from its record
     assert sorted(r["trial"] for r in again) == ok
     assert [r["val_loss"] for r in sorted(again, key=lambda r: r["trial"])] == \
         [r["val_loss"] for r in sorted(rows, key=lambda r: r["trial"])]

@@ -194,6 +194,28 @@ def test_crash_mid_upload_leaves_the_previous_checkpoint_the_latest(reference, s
     assert [r["checkpoint/upload"] for r in stalls if r.get("event") == "checkpoint"][-1] == "async"
 
 
+def test_a_non_finite_loss_stops_the_run_before_its_step(shards, ray_local, tmp_path, monkeypatch):
+    """Rank 1's loss turns NaN at step 6 (through the real backward: NaN gradients, spread to every rank by the
+    all-reduce). The run stops at that step with one line, before the optimizer step; nothing after the last
+    checkpoint is kept, no export is written, and that checkpoint's weights are finite."""
+    from raypatch.checkpoint import export_hf, find_latest
+    from raypatch.driver import fit
+    from raypatch.safety import InputError
+
+    cfg = tiny(shards, tmp_path, "nan", "data.max_tokens=4096", "eval.wikitext=", "checkpoint.max_failures=0")
+    monkeypatch.setenv("RAYPATCH_NAN_LOSS_AT", "6")
+    monkeypatch.setenv("RAYPATCH_KILL_RANK", "1")
+    with pytest.raises(InputError, match=r"the training loss is not finite at step 6 \(patch phase, step 6/\d+, on "
+                                         r"1 worker\(s\)\); the step was not applied") as e:
+        fit(cfg)
+    assert "\n" not in str(e.value)
+    run = tmp_path / "nan"
+    assert not (run / "hf").exists()
+    assert max(step_losses(run)) == 5  # step 6 never logged: it stopped before the optimizer step
+    assert find_latest(run).name == "checkpoint-0000004"
+    export_hf(find_latest(run), tmp_path / "export")  # refuses NaN or inf weights: these are finite
+
+
 def test_worker_killed_in_each_phase_recovers_exactly(reference, shards, ray_local, tmp_path, monkeypatch):
     """SIGKILL a worker once in the patch phase (step 6) and once in the token phase (step 22)."""
     from raypatch.driver import fit

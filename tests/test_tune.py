@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import pickle
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from raypatch import presets
 from raypatch.config import apply_overrides
 from raypatch.presets import load_config
+from raypatch.safety import InputError
 from raypatch.tune import grid_points, parse_space, plan_table, trial_budget, trial_config
 
 BUDGET = 4096  # model positions per trial (tokens in the token phase + patches in the patch phase)
@@ -84,6 +86,49 @@ def test_small_search_under_fixed_compute(shards, ray_local, tmp_path):
         assert len(list(csv.DictReader(f))) == 5
     best = load_config(str(paths["best"]))
     assert best.data.max_tokens == min(ok, key=lambda r: r["val_loss"])["D"]
-    # Rerunning the same experiment name continues it (Tuner.restore): nothing is retrained.
+    # Rerunning the same experiment name continues it from raypatch's JSON records. Every pickle in the
+    # experiment directory is replaced by one that would create a marker file when loaded: none is loaded.
+    exp, marker = tmp_path / "klam", tmp_path / "pwned"
+    evil = pickle.dumps(Planted(str(marker)))
+    planted = [exp / "tuner.pkl", *exp.rglob("*.pkl")]
+    for f in planted:
+        f.write_bytes(evil)
+    redo = max(ok, key=lambda r: r["K"])["trial"]  # one trial's record lost: Tune runs it again, from its checkpoint
+    (exp / "trials" / redo / "trial.json").unlink()
+    runs_before = {d.name for d in exp.glob("tune-*")}
     again = run_search(cfg, budget=BUDGET, space=space, name="klam", storage=str(tmp_path), concurrency=2)
-    assert sorted(r["trial"] for r in again) == sorted(r["trial"] for r in ok)
+    assert not marker.exists(), "a planted pickle was loaded"
+    assert len(planted) >= 2 and len({d.name for d in exp.glob("tune-*")} - runs_before) == 1
+    by_name = {r["trial"]: r for r in again}
+    assert sorted(by_name) == sorted(r["trial"] for r in ok)
+    for r in ok:  # the rerun trial resumed from its last checkpoint: the same final loss, no step trained again
+        assert by_name[r["trial"]]["val_loss"] == pytest.approx(r["val_loss"], rel=1e-6), r["trial"]
+        assert by_name[r["trial"]]["positions"] == r["positions"]
+    with pytest.raises(InputError, match=r"other settings \(budget: 4096 -> 8192"):
+        run_search(cfg, budget=2 * BUDGET, space=space, name="klam", storage=str(tmp_path))
+    # A search in which no trial finished leaves the earlier results as they were.
+    before = {f: (exp / f).read_bytes() for f in ("results.md", "results.csv", "best.yaml")}
+    with pytest.raises(InputError, match="no trial finished .* left as they were"):
+        write_outputs([{"trial": "trial-x", "error": "boom"}], exp, budget=BUDGET, wall_s=1.0)
+    assert {f: (exp / f).read_bytes() for f in before} == before
+
+
+class Planted:
+    """Unpickling it creates a file: the proof that something loaded a pickle it was handed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_random_search_draws_the_same_points_from_the_seed():
+    from raypatch.tune import sample_points, trial_name
+
+    space = parse_space(["patch.k=2,4,8", "patch.lam=uniform:0.3:0.9", "optim.lr=loguniform:1e-4:3e-3"])
+    a, b = sample_points(space, 6, seed=7), sample_points(space, 6, seed=7)
+    assert a == b and sample_points(space, 6, seed=8) != a
+    assert all(0.3 <= p["patch.lam"] <= 0.9 and 1e-4 <= p["optim.lr"] <= 3e-3 for p in a)
+    assert len({trial_name(p) for p in a}) == len(a)
+    assert trial_name({"patch.k": "4", "patch.lam": "0.5"}) == trial_name({"patch.lam": "0.5", "patch.k": "4"})

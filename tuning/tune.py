@@ -4,7 +4,7 @@
         --space patch.k=1,2,4 patch.lam=0.5,0.75 --name k-lam
 
 Arguments are those of `raypatch tune`; the library code is raypatch/tune.py. Rerunning with the same
---name continues the experiment (Tuner.restore).
+--name continues the experiment from raypatch's JSON records (never Tune's pickled state).
 """
 
 import sys
