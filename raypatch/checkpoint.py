@@ -521,19 +521,76 @@ def check_checkpoint(ckpt_dir: str | Path) -> dict[str, Any]:
 
 
 def export_files(d: Path) -> set[str]:
-    """The files of an export that raypatch wrote: listed in its raypatch_meta.json (exports before that
-    list existed: the files an HF export has)."""
+    """The files of an export that raypatch provably wrote (check_replaceable's `owned`), each by its name and
+    its content, never by the list alone: raypatch_meta.json as export_hf writes it (a config with its model
+    section, no other keys), and of the files it lists (exports before that list: the files an HF export has)
+    those with an export's name whose content is what export_hf writes there:
+
+    - config.json: transformers' (transformers_version), a model_type it builds, naming no code (auto_map), its
+      vocab_size, hidden_size and num_hidden_layers those of the meta's model;
+    - the weights (model.safetensors, or the shards its index lists): float32 safetensors whose header parses
+      and tiles the file, holding exactly the tensors, by name and shape, of the model config.json describes
+      (the tied output embedding left out), built on the meta device;
+    - generation_config.json: transformers' JSON; the tokenizer's files: as safety.tokenizer_file_ok reads them.
+
+    Anything else, a name the meta lists included, is foreign: check_replaceable names it and changes nothing.
+    """
     import re
 
-    try:
-        meta = json.loads((d / "raypatch_meta.json").read_text())
-    except (OSError, ValueError):
+    import torch
+
+    from raypatch.safety import json_object, read_own, safetensors_header, tokenizer_file_ok
+    from raypatch.shards import TOKENIZER_FILES
+
+    meta = json_object(read_own(d / "raypatch_meta.json"))
+    model = meta.get("config") if meta is not None else None
+    model = model.get("model") if isinstance(model, dict) else None
+    if meta is None or not isinstance(model, dict) or not set(meta) <= {"state", "config", "files"}:
         return set()
-    if isinstance(meta, dict) and isinstance(meta.get("files"), list):
-        return {*map(str, meta["files"]), "raypatch_meta.json"}
-    hf = re.compile(r"config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors"
-                    r"|model\.safetensors\.index\.json|tokenizer[^/]*|special_tokens_map\.json|chat_template[^/]*")
-    return {f.name for f in d.iterdir() if f.is_file() and hf.fullmatch(f.name)} | {"raypatch_meta.json"}
+    listed = meta["files"] if isinstance(meta.get("files"), list) else [f.name for f in d.iterdir()]
+    weights = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
+    names = {n for n in map(str, listed) if weights.fullmatch(n) or TOKENIZER_FILES.fullmatch(n) or n in (
+        "config.json", "generation_config.json", "model.safetensors.index.json")}
+    own = {"raypatch_meta.json"} | {n for n in names if TOKENIZER_FILES.fullmatch(n)
+                                    and tokenizer_file_ok(n, read_own(d / n))}
+    conf = json_object(read_own(d / "config.json")) if "config.json" in names else None
+    shape = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layers": "num_hidden_layers"}
+    if conf is None or "auto_map" in conf or "transformers_version" not in conf or any(
+            conf.get(theirs) != model[ours] for ours, theirs in shape.items()
+            if isinstance(model.get(ours), int) and model[ours] > 0):
+        return own
+    from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from raypatch.hfdir import causal_lm_class, rename
+
+    try:
+        hf = CONFIG_MAPPING[conf.get("model_type")].from_dict(conf)
+        with torch.device("meta"):
+            built = causal_lm_class(hf)(hf)
+        rules = get_model_conversion_mapping(built)
+    except Exception:  # a model_type transformers does not build, or a config its class refuses
+        return own
+    own.add("config.json")
+    gen = json_object(read_own(d / "generation_config.json"))
+    if "generation_config.json" in names and gen is not None and "transformers_version" in gen:
+        own.add("generation_config.json")
+    index = json_object(read_own(d / "model.safetensors.index.json")) if "model.safetensors.index.json" in names \
+        else None
+    weight_map = index.get("weight_map") if index is not None else None
+    files = sorted(set(map(str, weight_map.values()))) if isinstance(weight_map, dict) else ["model.safetensors"]
+    found: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for f in files:
+        header = safetensors_header(d / f) if f in names and weights.fullmatch(f) else None
+        if header is None or (isinstance(weight_map, dict) and any(weight_map.get(k) != f for k in header)):
+            return own
+        found |= {rename(k, rules): v for k, v in header.items()}
+    expected = {k: tuple(v.shape) for k, v in built.state_dict().items()}
+    tied = {"lm_head.weight", "embed_out.weight"} if getattr(hf, "tie_word_embeddings", False) else set()
+    if (not all(type(r) is WeightRenaming for r in rules) or set(found) - set(expected)
+            or set(expected) - set(found) - tied or any(v != ("F32", expected[k]) for k, v in found.items())):
+        return own  # tensors merged on load (not provable by name), or not this config's model in float32
+    return own | set(files) | ({"model.safetensors.index.json"} if isinstance(weight_map, dict) else set())
 
 
 def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str | None = None,

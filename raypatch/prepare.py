@@ -9,7 +9,8 @@ Shard layout: one `input_ids` list<int32> column, one document per row, the toke
 included as the tokenizer itself adds it (BOS before, EOS after, or both: `separator` probes it; EOS after for a
 tokenizer that adds nothing, as GPT-2's convention is). Each Parquet row
 group holds about `row_group_tokens` tokens, and the manifest lists every row group's token count, so the
-packer can read any token range of the stream by row group without scanning whole shards.
+packer can read any token range of the stream by row group without scanning whole shards. The footer's key-value
+metadata marks the file as raypatch's shard of that name (shards.shard_mark), deterministically.
 """
 
 from __future__ import annotations
@@ -42,15 +43,19 @@ from raypatch.safety import (
     check_not_overlapping,
     check_replaceable,
     find_input_error,
+    first_few,
     replace_dir,
 )
 from raypatch.shards import (
     FORMAT,
     MANIFEST,
     OWN_NAMES,
+    PREPARE_MARKER,
+    SHARD_SCHEMA,
     TOKENIZER_FILES,
     file_sha256,
     manifest_checksum,
+    shard_mark,
     shard_set_files,
     shards_id,
     tokens_hash,
@@ -212,8 +217,38 @@ def documents(path: str, text_field: str = "text") -> Iterator[str]:
 
 
 def tokenizer_files(d: Path) -> set[str]:
-    """The files of a tokenizer directory that raypatch writes (for check_replaceable)."""
-    return {f.name for f in d.iterdir() if f.is_file() and TOKENIZER_FILES.fullmatch(f.name)}
+    """The files of a tokenizer directory that `raypatch tokenizer train` provably wrote (check_replaceable's
+    `owned`): by name, and by content, what train_tokenizer makes and a tokenizer from elsewhere (GPT-2's,
+    Llama's, one's own) does not: a byte-level BPE whose one added token is EOS with id 0, with no normalizer,
+    and a tokenizer_config.json whose EOS and pad token are EOS and whose model_max_length is 2**30. Files of
+    any other tokenizer, even valid ones, are left alone (a user's tokenizer is not raypatch's to replace)."""
+    from raypatch.safety import json_object, read_own, tokenizer_file_ok
+
+    own = set()
+    for f in sorted(d.iterdir()):
+        data = read_own(f)
+        if not TOKENIZER_FILES.fullmatch(f.name) or not tokenizer_file_ok(f.name, data):
+            continue
+        obj = json_object(data)
+        if f.name == "tokenizer.json" and obj is not None:
+            model, pre, dec = (obj.get(k) if isinstance(obj.get(k), dict) else {} for k in
+                               ("model", "pre_tokenizer", "decoder"))
+            added = [(t.get("id"), t.get("content"), t.get("special")) for t in obj.get("added_tokens") or []
+                     if isinstance(t, dict)]
+            ok = (model.get("type") == "BPE" and pre.get("type") == "ByteLevel" and pre.get("add_prefix_space") is
+                  False and dec.get("type") == "ByteLevel" and obj.get("normalizer") is None
+                  and added == [(0, EOS, True)])
+        elif f.name == "tokenizer_config.json" and obj is not None:
+            ok = obj.get("model_max_length") == 1 << 30 and all(
+                (v.get("content") if isinstance(v, dict) else v) == EOS
+                for v in (obj.get("eos_token"), obj.get("pad_token")))
+        elif f.name == "special_tokens_map.json" and obj is not None:  # written by transformers before 5
+            ok = all((v.get("content") if isinstance(v, dict) else v) == EOS for v in obj.values())
+        else:
+            ok = False
+        if ok:
+            own.add(f.name)
+    return own
 
 
 def train_tokenizer(inputs: list[str], out_dir: str, *, vocab_size: int = 8192, text_field: str = "text",
@@ -439,7 +474,7 @@ class ShardWriter:
     truncated file under a shard's name; the manifest, written last, is what makes a shard set valid.
     """
 
-    SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32()))])
+    SCHEMA = SHARD_SCHEMA
 
     def __init__(self, out_dir: Path, split: str, shard_tokens: int, row_group_tokens: int,
                  on_shard: Callable[[Path], None] | None = None) -> None:
@@ -482,6 +517,7 @@ class ShardWriter:
 
     def _close_shard(self) -> None:
         assert self._writer is not None
+        self._writer.add_key_value_metadata(shard_mark(self._cur["file"]))  # what proves the file raypatch's
         self._writer.close()
         self._writer = None
         name = self._cur["file"]
@@ -612,9 +648,7 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, *, text_field: str 
         manifest = {"format": FORMAT, "tokenizer": tok, "text_field": text_field, "val_every": val_every,
                     "shuffle_seed": shuffle_seed, "documents": n_docs, "sources": sources, "splits": splits}
         shard_files = [s["file"] for v in splits.values() for s in v["shards"]]
-        manifest["files"] = [*sorted(tok_files + shard_files), MANIFEST]
-        manifest["shards_id"] = shards_id(manifest)
-        manifest["checksum"] = manifest_checksum(manifest)
+        seal_manifest(manifest, out, tok_files + shard_files)
         text = json.dumps(manifest, indent=1)
         if publisher is not None:
             publisher.finish(manifest["files"], text)
@@ -625,17 +659,24 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, *, text_field: str 
     return manifest
 
 
-PREPARE_MARKER = ".raypatch-prepare.json"
-"""On a store, written first and removed last by `raypatch prepare`: a prefix holding it and no manifest is
-an interrupted prepare's output, which a rerun may continue over."""
+def seal_manifest(manifest: dict[str, Any], out: Path, files: list[str]) -> dict[str, Any]:
+    """Complete a manifest whose set is in `out`: the files it holds (`files` and the manifest), the SHA-256
+    of the files that are not shards (the tokenizer copy: shards have theirs in their entries), its content
+    id and its checksum."""
+    manifest["files"] = [*sorted(files), MANIFEST]
+    manifest["file_sha256"] = {f: file_sha256(out / f) for f in sorted(files) if not f.endswith(".parquet")}
+    manifest["shards_id"] = shards_id(manifest)
+    manifest["checksum"] = manifest_checksum(manifest)
+    return manifest
 
 
 class StorePublisher:
     """Publishes a shard set at a URI prefix, where nothing can be renamed into place.
 
     Checked first (`__init__`): every object under the prefix must carry a name raypatch writes there
-    (shards.OWN_NAMES); a complete set (a manifest) is replaced only with overwrite; the leftovers of an
-    interrupted prepare (the marker, no manifest) are continued over without it. Then `begin` writes the marker
+    (shards.OWN_NAMES) and a content that proves it raypatch's (shards.shard_set_files: a shard's footer mark, a
+    range read); a complete set (a manifest) is replaced only with overwrite; the leftovers of an interrupted
+    prepare (the marker, no manifest) are continued over without it. Then `begin` writes the marker
     and removes an old manifest (from that moment the old set is gone as a whole, never mixed with the new
     one); `publish` uploads each finished file in the background, removing the local copy; `finish` waits
     for them, removes the leftovers it owns that the new set does not list, writes the manifest last and then
@@ -647,15 +688,19 @@ class StorePublisher:
         self.existing = storage.list_files(out)
         foreign = [n for n in self.existing if not OWN_NAMES.fullmatch(n)]
         where = storage.display(out)
-        if foreign:
-            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise InputError(f"--out {where}: holds {shown}, which raypatch did not write there; choose a new or "
-                             f"empty prefix (nothing was changed)")
-        if MANIFEST in self.existing and not overwrite:
-            raise InputError(f"--out {where}: already holds a shard set (pass --overwrite to replace it)")
+        if foreign:  # by name: nothing under the prefix is read
+            raise InputError(f"--out {where}: holds {first_few(foreign)}, which raypatch did not write there; "
+                             f"choose a new or empty prefix (nothing was changed)")
         if self.existing and MANIFEST not in self.existing and PREPARE_MARKER not in self.existing:
             raise InputError(f"--out {where}: holds shard files without a manifest or raypatch's marker; choose "
                              f"a new or empty prefix (nothing was changed)")
+        own = shard_set_files(out) if self.existing else set()
+        unproven = [n for n in self.existing if n not in own]
+        if unproven:
+            raise InputError(f"--out {where}: holds {first_few(unproven)}, which raypatch did not write there (by "
+                             f"name and content); choose a new or empty prefix (nothing was changed)")
+        if MANIFEST in self.existing and not overwrite:
+            raise InputError(f"--out {where}: already holds a shard set (pass --overwrite to replace it)")
         self.resumed = bool(self.existing) and MANIFEST not in self.existing
         self.pool = ThreadPoolExecutor(2, thread_name_prefix="raypatch-upload")
         self.pending: list[Any] = []

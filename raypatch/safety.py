@@ -5,7 +5,8 @@ Rules every command follows (README "Safety"):
 - An output is built in a temporary sibling (`.<name>.tmp-<pid>`) and renamed into place when complete.
 - An output path that is, contains or lies inside one of the command's inputs is refused.
 - An existing output is replaced only when the user asked for it (`--overwrite`) *and* it holds nothing but
-  what raypatch itself writes there; anything else in it is named in the error and left alone.
+  what raypatch itself writes there, each file proven by its name and its content (a list in a file anyone can
+  edit proves nothing); anything else in it is named in the error and left alone.
 - Checkpoint files are unpickled by torch's restricted unpickler (`weights_only=True`) with an allow-list of
   the few DeepSpeed types they carry, so a crafted checkpoint cannot run code.
 """
@@ -60,24 +61,34 @@ def check_not_overlapping(out: str | Path, inputs: Iterable[tuple[str, str | Pat
 
 def foreign_entries(d: Path, owned: set[str]) -> list[str]:
     """Paths under `d` (relative, '/'-separated) that are not in `owned` nor a directory leading to one:
-    what raypatch did not write there. Symbolic links are never followed."""
+    what raypatch did not write there. Symbolic links are never followed and never count as owned (raypatch
+    writes none)."""
     parents = {p.as_posix() for o in owned for p in Path(o).parents}  # every folder on the way to an owned file
     out = []
     for root, dirs, files in os.walk(d, followlinks=False):
         base = Path(root).relative_to(d)
         for name in sorted(dirs):
             rel = (base / name).as_posix()
-            if rel not in parents and rel not in owned:
+            if rel not in parents or (Path(root) / name).is_symlink():
                 out.append(rel + "/")
-        dirs[:] = [n for n in dirs if (base / n).as_posix() in parents]
-        out += [(base / n).as_posix() for n in sorted(files) if (base / n).as_posix() not in owned]
+        dirs[:] = [n for n in dirs if (base / n).as_posix() in parents and not (Path(root) / n).is_symlink()]
+        out += [(base / n).as_posix() for n in sorted(files)
+                if (base / n).as_posix() not in owned or (Path(root) / n).is_symlink()]
     return sorted(out)
+
+
+def first_few(names: list[str], n: int = 3) -> str:
+    """'a, b, c and 4 more': the first names of a list, for a one-line error."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def check_replaceable(out: str | Path, *, overwrite: bool, owned: Callable[[Path], set[str]], what: str,
                       flag: str = "--out") -> None:
-    """An existing output may be replaced only with --overwrite, and only if everything in it is what
-    raypatch wrote there (`owned(out)` lists those files, relative to `out`)."""
+    """An existing output may be replaced only with --overwrite, and only if everything in it is provably
+    what raypatch wrote there: `owned(out)` lists those files, relative to `out`, each proven by its name
+    *and* its content (a Parquet shard's footer mark, a JSON file's keys, a safetensors header that fits the
+    config; see shards.shard_set_files, prepare.tokenizer_files, checkpoint.export_files), never by a list
+    in a file that anyone can edit alone. What cannot be proven is named and nothing is changed."""
     o = Path(out)
     if not o.exists() and not o.is_symlink():
         return
@@ -87,9 +98,8 @@ def check_replaceable(out: str | Path, *, overwrite: bool, owned: Callable[[Path
         return
     foreign = foreign_entries(o, owned(o))
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise InputError(f"{flag} {out}: holds {shown}, which raypatch did not write there; choose a new or "
-                         f"empty directory (nothing was changed)")
+        raise InputError(f"{flag} {out}: holds {first_few(foreign)}, which raypatch did not write there (by name "
+                         f"and content); choose a new or empty directory (nothing was changed)")
     if not overwrite:
         raise InputError(f"{flag} {out}: already holds {what} (pass --overwrite to replace it)")
 
@@ -97,6 +107,182 @@ def check_replaceable(out: str | Path, *, overwrite: bool, owned: Callable[[Path
 def files_under(d: Path) -> list[str]:
     """Every file under `d`, relative and sorted (what an output records as its own)."""
     return sorted(Path(r, n).relative_to(d).as_posix() for r, _, fs in os.walk(d) for n in fs)
+
+
+# --- proving a file is raypatch's own (check_replaceable's `owned`) --------------------------------------
+
+def read_own(path: Path) -> bytes | None:
+    """A regular file's bytes, or None for a symbolic link (raypatch writes none), a missing or unreadable
+    file: what cannot be read cannot be proven raypatch's."""
+    try:
+        return None if path.is_symlink() or not path.is_file() else path.read_bytes()
+    except OSError:
+        return None
+
+
+def json_object(data: bytes | None) -> dict[str, Any] | None:
+    """The JSON object `data` holds, or None (absent, not UTF-8 JSON, or not an object)."""
+    import json
+
+    try:
+        v = json.loads(data) if data is not None else None
+    except ValueError:
+        return None
+    return v if isinstance(v, dict) else None
+
+
+SPECIAL_TOKEN_KEYS = {"bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+                      "additional_special_tokens"}
+
+
+def tokenizer_file_ok(name: str, data: bytes | None) -> bool:
+    """Whether `data` is what a Hugging Face tokenizer directory holds under `name` (shards.TOKENIZER_FILES):
+    tokenizer.json that the `tokenizers` library parses; JSON objects with the keys transformers writes; a
+    SentencePiece model that parses as its protobuf; text files that decode as UTF-8 in their line format. A
+    name this does not know is not proven."""
+    if data is None:
+        return False
+    if name == "tokenizer.json":
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_str(data.decode())
+        except Exception:  # the Rust parser's errors carry no common type
+            return False
+        return True
+    if name.endswith(".json"):
+        obj = json_object(data)
+        if obj is None:
+            return False
+        if name == "tokenizer_config.json":  # never remote code (auto_map): raypatch refuses to copy that
+            return "auto_map" not in obj and bool({"tokenizer_class", "model_max_length", "added_tokens_decoder",
+                                                   *SPECIAL_TOKEN_KEYS} & set(obj))
+        if name == "special_tokens_map.json":
+            return bool(obj) and set(obj) <= SPECIAL_TOKEN_KEYS
+        if name.startswith("chat_template"):
+            return isinstance(obj.get("chat_template"), (str, list))
+        # added_tokens.json, vocab.json: token -> id
+        return bool(obj) and all(isinstance(v, int) and not isinstance(v, bool) for v in obj.values())
+    if name.endswith(".model"):
+        return _sentencepiece_ok(data)
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return False
+    lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#version")]
+    if "\0" in text or not lines:
+        return False
+    if name == "merges.txt":  # "a b" pairs
+        return all(len(ln.split(" ")) == 2 for ln in lines)
+    if name.endswith(".tiktoken"):  # "<base64 token> <rank>"
+        return all(re.fullmatch(r"[A-Za-z0-9+/=]+ \d+", ln) for ln in lines)
+    return True  # vocab.txt and the like, a chat template (.jinja): UTF-8 text
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    v = shift = 0
+    while True:
+        if i >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        b = data[i]
+        v |= (b & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if b < 0x80:
+            return v, i
+
+
+def _protobuf_fields(data: bytes) -> list[tuple[int, int, bytes | int]]:
+    """(field, wire type, value) of a protobuf message; ValueError unless it is well formed to its last byte."""
+    out: list[tuple[int, int, bytes | int]] = []
+    i = 0
+    while i < len(data):
+        key, i = _varint(data, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            v, i = _varint(data, i)
+            out.append((field, wire, v))
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            if i + n > len(data):
+                raise ValueError("truncated")
+            out.append((field, wire, data[i:i + n]))
+            i += n
+        elif wire == 2:
+            n, i = _varint(data, i)
+            if i + n > len(data):
+                raise ValueError("truncated")
+            out.append((field, wire, data[i:i + n]))
+            i += n
+        else:
+            raise ValueError(f"wire type {wire}")
+        if field == 0:
+            raise ValueError("field 0")
+    return out
+
+
+def _sentencepiece_ok(data: bytes) -> bool:
+    """A SentencePiece ModelProto (tokenizer.model, spiece.model): pieces (field 1), each a message whose
+    field 1 is its UTF-8 piece, and the other fields of the format (2-5); well formed to the last byte."""
+    try:
+        fields = _protobuf_fields(data)
+        pieces = [v for f, _, v in fields if f == 1 and isinstance(v, bytes)]
+        if not pieces or any(f not in (1, 2, 3, 4, 5) or w != 2 for f, w, _ in fields):
+            return False
+        for p in pieces:
+            text = [v for f, w, v in _protobuf_fields(p) if f == 1 and isinstance(v, bytes)]
+            if len(text) != 1:
+                return False
+            text[0].decode()
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return True
+
+
+SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]] | None:
+    """{tensor name: (dtype, shape)} of a safetensors file whose header parses and whose tensors tile its data
+    exactly (each the size its dtype and shape make, back to back to the last byte); None for anything else.
+    Reads the header only."""
+    import json
+
+    try:
+        if path.is_symlink() or not path.is_file():
+            return None
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or n > min(size - 8, 100 << 20):
+                return None
+            header = json.loads(f.read(n))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    out, spans = {}, []
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (a, b) = t["dtype"], tuple(int(x) for x in t["shape"]), t["data_offsets"]
+            numel = 1
+            for x in shape:
+                numel *= x
+            if b - a != numel * SAFETENSORS_BYTES[dtype] or min(shape, default=0) < 0:
+                return None
+        except (KeyError, TypeError, ValueError):
+            return None
+        out[name] = (dtype, shape)
+        spans.append((a, b))
+    spans.sort()
+    end = 0
+    for a, b in spans:
+        if a != end:
+            return None
+        end = b
+    return out if end == size - 8 - n else None
 
 
 def temp_sibling(out: str | Path) -> Path:

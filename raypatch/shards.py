@@ -4,8 +4,9 @@
 set is a directory holding `train-NNNNN.parquet` and `val-NNNNN.parquet` (one `input_ids` list<int32> column, one
 document per row), a copy of the tokenizer under `tokenizer/`, and `manifest.json`: per shard its rows, tokens,
 bytes, SHA-256 and per row group its token count and hash; the tokenizer's vocabulary, fingerprint and document
-separator; the source files; the list of files the set holds; its content id (`shards_id`); and a checksum of
-the manifest itself.
+separator; the source files; the list of files the set holds and the SHA-256 of its tokenizer copy; its content
+id (`shards_id`); and a checksum of the manifest itself. Each shard's Parquet footer carries a mark naming the
+file (`raypatch.shard`): what proves it raypatch's when `prepare --overwrite` replaces a set (shard_set_files).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raypatch import storage
-from raypatch.safety import InputError, files_under
+from raypatch.safety import InputError, json_object, read_own, tokenizer_file_ok
 
 MANIFEST = "manifest.json"
 
@@ -61,29 +63,145 @@ def shards_id(m: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def shard_set_files(d: str | Path) -> set[str]:
-    """What a shard set directory (or URI prefix) holds that raypatch wrote: its manifest's file list
-    (format 2), or for format 1 the manifest, its shards and the tokenizer copy; only names raypatch gives
-    its own outputs count (OWN_NAMES), whatever the manifest says."""
-    try:
-        m = json.loads(storage.read_bytes(storage.join(d, MANIFEST)))
-    except (OSError, ValueError):
-        return set()
-    if not isinstance(m, dict) or m.get("format") not in (FORMAT, *OLD_FORMATS):
-        return set()
-    if isinstance(m.get("files"), list):
-        return {MANIFEST, *(f for f in map(str, m["files"]) if OWN_NAMES.fullmatch(f))}
-    own = {MANIFEST} | {s["file"] for v in m.get("splits", {}).values() for s in v.get("shards", [])}
-    tok = Path(d) / "tokenizer"
-    return own | {f"tokenizer/{f}" for f in (files_under(tok) if not storage.is_uri(d) and tok.is_dir() else [])}
-
-
 TOKENIZER_FILES = re.compile(r"tokenizer[^/]*|special_tokens_map\.json|added_tokens\.json|vocab\.[a-z]+|merges\.txt"
                              r"|chat_template[^/]*|spiece\.model|[^/]*\.tiktoken")
 """The files of an HF tokenizer directory that a shard set and `raypatch tokenizer train` carry."""
 OWN_NAMES = re.compile(r"manifest\.json|(train|val)-\d{5}\.parquet|\.raypatch-prepare\.json|tokenizer/(?:"
                        + TOKENIZER_FILES.pattern + ")")
-"""Every name `raypatch prepare` writes in a shard set: what it may ever replace or delete there."""
+"""Every name `raypatch prepare` writes in a shard set: what it may ever replace or delete there (and then only
+when its content proves it raypatch's: shard_set_files)."""
+SHARD_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32()))])
+"""A shard's one column: one document's token ids per row."""
+SHARD_MARK = "raypatch.shard"
+"""The key of the mark ShardWriter puts in each shard's Parquet footer (key-value metadata)."""
+PREPARE_MARKER = ".raypatch-prepare.json"
+"""On a store, written first and removed last by `raypatch prepare`: a prefix holding it and no manifest is
+an interrupted prepare's output, which a rerun may continue over."""
+
+
+def shard_mark(name: str) -> dict[str, str]:
+    """The footer mark of the shard `name`: JSON naming the file and the format, nothing else, so that two
+    prepares of the same input stay byte-identical. It is what makes a file provably raypatch's shard (the
+    manifest, which anyone can edit and re-checksum, is not): a user's Parquet file carries no such mark, and a
+    shard copied under another name carries one that names another file."""
+    return {SHARD_MARK: json.dumps({"file": name, "format": FORMAT}, sort_keys=True)}
+
+
+def shard_set_files(d: str | Path) -> set[str]:
+    """What raypatch provably wrote in a shard set directory or at a URI prefix (check_replaceable's `owned`;
+    StorePublisher's check on a store): of the files its manifest lists (or, under a store prefix with no
+    manifest, the files of an interrupted prepare beside its marker), those whose name is one raypatch gives its
+    outputs (OWN_NAMES) and whose content proves it:
+
+    - manifest.json: a raypatch manifest whose checksum holds; .raypatch-prepare.json: raypatch's marker.
+    - a shard: a Parquet footer carrying raypatch's mark naming this very file (a footer read, a range read on a
+      store). A shard written before the mark (none carries one) counts only if it is exactly what raypatch's
+      writer makes and the manifest describes: its size and SHA-256 match the manifest, its schema is
+      `input_ids: list<int32>` alone, its footer holds no key-value metadata but Arrow's schema, it was written by
+      Arrow's Parquet writer with zstd, no statistics and no dictionary, and its row groups hold the token counts
+      the manifest records (one full read, for such sets only). A user's Parquet file written any other way, or
+      any non-Parquet file, is not one.
+    - a file of the tokenizer copy: it parses as that tokenizer file (safety.tokenizer_file_ok) and, where the
+      manifest records its SHA-256 (file_sha256, sets since the mark), matches it.
+
+    The manifest's word alone proves nothing: a file it lists that fails its proof is foreign."""
+    d = str(d)
+    sizes = storage.list_files(d)
+    m = _own_manifest(d) if MANIFEST in sizes else None
+    if m is not None:
+        if isinstance(m.get("files"), list):
+            names = set(map(str, m["files"]))
+        else:  # format 1: its shards and whatever the tokenizer copy holds
+            names = {s["file"] for v in m["splits"].values() for s in v["shards"]}
+            names |= {n for n in sizes if n.startswith("tokenizer/")}
+        names |= {MANIFEST, PREPARE_MARKER}  # a prepare on a store stopped between the two leaves both
+    elif PREPARE_MARKER in sizes:
+        names = set(sizes)
+    else:
+        return set()
+    entries = {s["file"]: s for v in (m or {}).get("splits", {}).values() for s in v["shards"]}
+    candidates = sorted(n for n in names & set(sizes) if OWN_NAMES.fullmatch(n))
+
+    def proven(name: str) -> bool:
+        path = storage.join(d, name)
+        if name == MANIFEST:
+            return m is not None
+        if name == PREPARE_MARKER:
+            mk = json_object(_read(path))
+            return mk is not None and set(mk) == {"writer", "host", "pid", "started"} and \
+                mk["writer"] == "raypatch prepare"
+        if name.startswith("tokenizer/"):
+            data = _read(path)
+            recorded = (m or {}).get("file_sha256")
+            if isinstance(recorded, dict) and (data is None or recorded.get(name) != hashlib.sha256(data).hexdigest()):
+                return False
+            return tokenizer_file_ok(name.removeprefix("tokenizer/"), data)
+        return shard_is_own(path, name, entries.get(name), sizes.get(name))
+
+    with ThreadPoolExecutor(8) as pool:  # footers on a store: one round trip each, overlapped
+        return {n for n, ok in zip(candidates, pool.map(proven, candidates)) if ok}
+
+
+def _read(path: str) -> bytes | None:
+    """A small file's bytes (never through a local symbolic link), or None when it cannot be read."""
+    return storage.read_bytes(path) if storage.is_uri(path) else read_own(Path(path))
+
+
+def _own_manifest(d: str) -> dict[str, Any] | None:
+    """The manifest of `d` if it is one raypatch wrote: a known format, its checksum (format 2), its shape."""
+    m = json_object(_read(storage.join(d, MANIFEST)))
+    if m is None or m.get("format") not in (FORMAT, *OLD_FORMATS):
+        return None
+    if m["format"] == FORMAT and m.get("checksum") != manifest_checksum(m):
+        return None
+    try:
+        _check_manifest_shape(m)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return m
+
+
+def _footer(path: str) -> pq.FileMetaData | None:
+    """A Parquet file's footer (a range read on a store), or None when it is not a readable Parquet file."""
+    try:
+        if storage.is_uri(path):
+            pf = storage.retrying(path, "read the footer of", lambda: pq.ParquetFile(storage.open_input(path)),
+                                  own_errors=True)
+        elif Path(path).is_symlink() or not Path(path).is_file():
+            return None
+        else:
+            pf = pq.ParquetFile(path)
+        with pf:
+            return pf.metadata
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def shard_is_own(path: str, name: str, entry: dict[str, Any] | None, size: int | None) -> bool:
+    """Whether the file at `path` is raypatch's shard `name` (shard_set_files says how it is proven);
+    `entry` and `size` (its manifest entry and its size) are needed only for a shard without the mark."""
+    md = _footer(path)
+    if md is None:
+        return False
+    mark = (md.metadata or {}).get(SHARD_MARK.encode())
+    if mark is not None:
+        got = json_object(mark)
+        return got is not None and got.get("file") == name and got.get("format") in (FORMAT, *OLD_FORMATS)
+    if entry is None or size is None:
+        return False
+    try:
+        rg = [int(x) for x in entry["row_group_tokens"]]
+        if (size != int(entry["bytes"]) or not md.schema.to_arrow_schema().equals(SHARD_SCHEMA)
+                or set(md.metadata or {}) - {b"ARROW:schema"} or not str(md.created_by).startswith("parquet-cpp-arrow")
+                or md.num_columns != 1 or md.num_row_groups != len(rg)):
+            return False
+        for g, n in enumerate(rg):
+            c = md.row_group(g).column(0)
+            if c.num_values != n or c.compression != "ZSTD" or c.is_stats_set or c.has_dictionary_page:
+                return False
+    except (KeyError, TypeError, ValueError):
+        return False
+    return file_sha256(path) == entry["sha256"]
 
 
 def load_manifest(shards_dir: str, *, verify: str = "size") -> dict[str, Any]:

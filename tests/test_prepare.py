@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from pathlib import Path
 
@@ -235,3 +236,46 @@ def test_batched_encoding_matches_one_document_at_a_time(corpus, tokenizer_dir, 
     monkeypatch.undo()
     tok.backend = real
     assert list(tok.encode(docs)) == alone and list(tok.encode([])) == []
+
+
+def test_a_shard_is_proven_raypatchs_by_its_footer(tmp_path, monkeypatch):
+    """ShardWriter marks each shard's footer with its own name (deterministically: the same rows give the same
+    bytes); shard_is_own takes the mark, never a name or a manifest entry alone. A shard from before the mark
+    counts only as exactly what raypatch's writer makes and its entry describes."""
+    import raypatch.prepare as P
+    from raypatch.shards import shard_is_own
+
+    docs = [np.arange(n, dtype=np.int32) for n in (30, 50, 20, 70, 40)]
+
+    def write(d: Path) -> dict:
+        d.mkdir()
+        w = P.ShardWriter(d, "train", shard_tokens=1 << 20, row_group_tokens=60)
+        for x in docs:
+            w.add(x)
+        return w.close()["shards"][0]
+
+    entry = write(tmp_path / "a")
+    write(tmp_path / "b")
+    a, b = tmp_path / "a" / entry["file"], tmp_path / "b" / entry["file"]
+    assert a.read_bytes() == b.read_bytes()
+    assert shard_is_own(str(a), a.name, None, None)  # the mark alone proves it
+    assert not shard_is_own(str(a), "train-00001.parquet", entry, entry["bytes"])  # it names another file
+    monkeypatch.setattr(P, "shard_mark", lambda name: {})
+    old = write(tmp_path / "old")
+    monkeypatch.undo()
+    f = tmp_path / "old" / old["file"]
+    assert shard_is_own(str(f), f.name, old, old["bytes"])
+    assert not shard_is_own(str(f), f.name, None, None)  # without the mark: only with the entry it matches
+    assert not shard_is_own(str(f), f.name, {**old, "sha256": "0" * 64}, old["bytes"])
+    assert not shard_is_own(str(f), f.name, {**old, "row_group_tokens": [sum(old["row_group_tokens"])]},
+                            old["bytes"])
+    # The same token rows written by pyarrow's defaults (snappy, statistics, dictionary), its entry "fixed":
+    # not raypatch's writer, so not raypatch's file.
+    mine = tmp_path / "mine.parquet"
+    pq.write_table(pq.read_table(f), mine, row_group_size=2)
+    m = pq.ParquetFile(mine).metadata
+    forged = {**old, "bytes": mine.stat().st_size, "sha256": hashlib.sha256(mine.read_bytes()).hexdigest(),
+              "row_group_tokens": [m.row_group(g).column(0).num_values for g in range(m.num_row_groups)]}
+    assert not shard_is_own(str(mine), mine.name, forged, forged["bytes"])
+    (tmp_path / "notes.parquet").write_bytes(b"PAR1 not really")
+    assert not shard_is_own(str(tmp_path / "notes.parquet"), "notes.parquet", old, 15)

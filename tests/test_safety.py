@@ -482,6 +482,220 @@ def test_tokenizer_train_keeps_existing_files(corpus, tmp_path, capsys):
     assert_kept(before)
 
 
+# --- --overwrite replaces only what raypatch provably wrote (by name and content) -------------------------
+# Each output is made here as raypatch writes it, without Ray or training, then edited as a user (or the tester)
+# could: the refusal must come before anything starts, name the file, and leave every byte in place.
+
+
+def own_set(d: Path, tokenizer_dir: str) -> Path:
+    """A small shard set as `raypatch prepare` writes it: ShardWriter's shards (random token ids), a copy of
+    the tokenizer and the sealed manifest."""
+    from raypatch.prepare import ShardWriter, seal_manifest
+    from raypatch.shards import FORMAT
+
+    (d / "tokenizer").mkdir(parents=True)
+    tok_files = []
+    for f in sorted(Path(tokenizer_dir).iterdir()):
+        shutil.copyfile(f, d / "tokenizer" / f.name)
+        tok_files.append(f"tokenizer/{f.name}")
+    rng, splits = np.random.default_rng(0), {}
+    for split, docs in (("train", 40), ("val", 5)):
+        w = ShardWriter(d, split, shard_tokens=1_000, row_group_tokens=300)
+        for _ in range(docs):
+            w.add(rng.integers(0, 512, int(rng.integers(20, 80))).astype(np.int32))
+        splits[split] = w.close()
+    m = {"format": FORMAT, "tokenizer": {"vocab_size": 512, "fingerprint": "f" * 64, "dir": "tokenizer"},
+         "splits": splits}
+    seal_manifest(m, d, tok_files + [s["file"] for v in splits.values() for s in v["shards"]])
+    (d / "manifest.json").write_text(json.dumps(m, indent=1))
+    return d
+
+
+def forge(d: Path, edit=lambda m: None) -> None:
+    """What the tester did: edit the manifest, then make it agree with the files on disk (every shard entry's
+    size, SHA-256 and, for a Parquet file with input_ids, its row groups; the tokenizer copy's hashes; the
+    content id; the checksum), as anyone can: the manifest has no key."""
+    m = json.loads((d / "manifest.json").read_text())
+    edit(m)
+    for split in m["splits"].values():
+        for s in split["shards"]:
+            f = d / s["file"]
+            s["bytes"], s["sha256"] = f.stat().st_size, hashlib.sha256(f.read_bytes()).hexdigest()
+            try:
+                pf = pq.ParquetFile(f)
+                vals = [pf.read_row_group(g).column("input_ids").combine_chunks().values.to_numpy()
+                        for g in range(pf.num_row_groups)]
+            except (pa.ArrowException, KeyError):
+                continue
+            s["row_group_tokens"], s["row_group_hashes"] = [len(v) for v in vals], [tokens_hash(v) for v in vals]
+            s["tokens"], s["rows"] = sum(map(len, vals)), pf.metadata.num_rows
+        split["tokens"] = sum(s["tokens"] for s in split["shards"])
+    if "file_sha256" in m:
+        m["file_sha256"] = {f: hashlib.sha256((d / f).read_bytes()).hexdigest() for f in m["file_sha256"]}
+    m["shards_id"] = shards_id(m)
+    m["checksum"] = manifest_checksum(m)
+    (d / "manifest.json").write_text(json.dumps(m, indent=1))
+
+
+def test_overwrite_proves_its_own_outputs_by_content(tokenizer_dir, tmp_path, monkeypatch):
+    """A shard set, a set from before the footer mark, an export, an export from before its file list and a
+    trained tokenizer: every file proven raypatch's, so each may be replaced (on a store too, file://)."""
+    import raypatch.prepare as P
+    from raypatch.checkpoint import export_files
+    from raypatch.safety import check_replaceable, files_under
+    from raypatch.shards import FORMAT, shard_set_files
+
+    d = own_set(tmp_path / "set", tokenizer_dir)
+    for f in d.glob("*.parquet"):  # the mark names the file; nothing else in it, so prepare stays reproducible
+        assert pq.ParquetFile(f).metadata.metadata[b"raypatch.shard"] == \
+            json.dumps({"file": f.name, "format": FORMAT}, sort_keys=True).encode()
+    monkeypatch.setattr(P, "shard_mark", lambda name: {})  # ShardWriter as it was before the mark
+    old = own_set(tmp_path / "old", tokenizer_dir)
+    monkeypatch.undo()
+    assert not any(b"raypatch.shard" in (pq.ParquetFile(f).metadata.metadata or {}) for f in old.glob("*.parquet"))
+    forge(old, lambda m: m.pop("file_sha256"))  # nor the tokenizer copy's hashes
+    exp, old_exp = own_export(tmp_path / "hf", tokenizer_dir), own_export(tmp_path / "hf-old", tokenizer_dir)
+    meta = json.loads((old_exp / "raypatch_meta.json").read_text())
+    (old_exp / "raypatch_meta.json").write_text(json.dumps({"state": meta["state"], "config": meta["config"]}))
+    tok = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, tok)
+    for out, owned in [(d, shard_set_files), (old, shard_set_files), (exp, export_files), (old_exp, export_files),
+                       (tok, P.tokenizer_files)]:
+        assert owned(out) == set(files_under(out)), out
+        check_replaceable(out, overwrite=True, owned=owned, what="it")
+    for out in (d, old):
+        P.StorePublisher(f"file://{out}", overwrite=True).pool.shutdown()
+
+
+@pytest.mark.parametrize("case,user", [
+    ("listed-notes", "notes.txt"),  # the tester's attack: a manifest edited to list a user's file, re-checksummed
+    ("listed-new-shard", "train-00009.parquet"),  # a user's file named like a shard, listed with an entry
+    ("shard-not-parquet", "train-00000.parquet"),
+    ("shard-other-parquet", "train-00000.parquet"),  # a real Parquet file with other columns
+    ("shard-token-parquet", "train-00000.parquet"),  # the user's own token ids, as pyarrow writes them by default
+    ("shard-of-another-name", "train-00000.parquet"),  # raypatch's train-00001 copied under another name
+    ("tokenizer-file", "tokenizer/tokenizer.json"),
+    ("symlink", "train-00000.parquet"),  # a link to a raypatch shard kept elsewhere: raypatch writes no links
+])
+def test_prepare_overwrite_deletes_nothing_it_cannot_prove_its_own(case, user, corpus, tokenizer_dir, tmp_path,
+                                                                   capsys):
+    from raypatch.prepare import StorePublisher
+    from raypatch.safety import InputError
+
+    d = own_set(tmp_path / "set", tokenizer_dir)
+    f = d / user
+    if case == "listed-notes":
+        f.write_text("my notes")
+        forge(d, lambda m: m["files"].append(user))
+    elif case == "listed-new-shard":
+        f.write_bytes(b"my data")
+        entry = {**json.loads((d / "manifest.json").read_text())["splits"]["train"]["shards"][0], "file": user}
+        forge(d, lambda m: (m["files"].append(user), m["splits"]["train"]["shards"].append(entry)))
+    elif case == "shard-not-parquet":
+        f.write_bytes(b"my data, not Parquet")
+    elif case == "shard-other-parquet":
+        pq.write_table(pa.table({"text": ["my document"] * 3}), f)
+    elif case == "shard-token-parquet":
+        pq.write_table(pa.table({"input_ids": pa.array([[1, 2, 3, 4]] * 50, pa.list_(pa.int32()))}), f)
+    elif case == "shard-of-another-name":
+        shutil.copyfile(d / "train-00001.parquet", f)
+    elif case == "tokenizer-file":
+        f.write_text('{"my": "notes"}')
+    elif case == "symlink":
+        kept = tmp_path / "kept.parquet"
+        shutil.move(f, kept)
+        f.symlink_to(kept)
+    forge(d)
+    before = snapshot(d, *([tmp_path / "kept.parquet"] if case == "symlink" else []))
+    refused(capsys, _prepare(corpus, tokenizer_dir, d, "--overwrite"), f"holds {user}")
+    assert_kept(before)
+    if case != "symlink":  # the same proof on a store (here file://): refused before anything is written
+        with pytest.raises(InputError, match=f"holds {user}, which raypatch did not write there"):
+            StorePublisher(f"file://{d}", overwrite=True)
+        assert_kept(before)
+
+
+def own_export(d: Path, tokenizer_dir: str) -> Path:
+    """A directory as `raypatch export` writes it (the tiny preset's model in float32 safetensors, the
+    tokenizer, raypatch_meta.json listing the files), made without a checkpoint."""
+    from raypatch.model import build_model
+    from raypatch.prepare import load_tokenizer
+    from raypatch.presets import load_config
+    from raypatch.safety import files_under
+
+    cfg = load_config("tiny", [])
+    d.mkdir()
+    load_tokenizer(tokenizer_dir).save_pretrained(d)
+    build_model(cfg.model, seed=0, pretrained=False).save_pretrained(d, safe_serialization=True)
+    (d / "raypatch_meta.json").write_text(json.dumps({"state": {"global_step": 8}, "config": cfg.to_dict(),
+                                                      "files": [*files_under(d), "raypatch_meta.json"]}))
+    return d
+
+
+@pytest.mark.parametrize("case,user", [
+    ("listed-notes", "notes.txt"),  # raypatch_meta.json edited to list a user's file
+    ("listed-weights", "model-00001-of-00002.safetensors"),  # a user's name fitting an export's, listed
+    ("other-weights", "model.safetensors"),  # a user's safetensors of another model
+    ("not-safetensors", "model.safetensors"),
+    ("other-config", "config.json"),  # a user's config of another size
+    ("tokenizer-file", "tokenizer.json"),
+])
+def test_export_overwrite_deletes_nothing_it_cannot_prove_its_own(case, user, tokenizer_dir, tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    d = own_export(tmp_path / "hf", tokenizer_dir)
+    f = d / user
+    if case.startswith("listed"):
+        f.write_bytes(b"mine")
+        meta = json.loads((d / "raypatch_meta.json").read_text())
+        (d / "raypatch_meta.json").write_text(json.dumps({**meta, "files": [*meta["files"], user]}))
+    elif case == "other-weights":
+        save_file({"w": np.ones((4, 4), np.float32)}, str(f))
+    elif case == "not-safetensors":
+        f.write_bytes(b"my weights")
+    elif case == "other-config":
+        conf = json.loads(f.read_text())
+        f.write_text(json.dumps({**conf, "hidden_size": 2 * conf["hidden_size"]}))
+    elif case == "tokenizer-file":
+        f.write_text("my notes")
+    before = snapshot(d)
+    refused(capsys, ["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(d), "--overwrite"],
+            f"holds {user}")
+    assert_kept(before)
+
+
+@pytest.mark.parametrize("case,user", [
+    ("other-tokenizer", "tokenizer.json"),  # a valid tokenizer that `tokenizer train` does not make
+    ("other-config", "tokenizer_config.json"),
+    ("not-json", "tokenizer.json"),
+])
+def test_tokenizer_train_overwrite_replaces_only_its_own_tokenizer(case, user, corpus, tokenizer_dir, tmp_path,
+                                                                   capsys):
+    from tokenizers import Tokenizer, models
+
+    d = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, d)
+    args = ["tokenizer", "train", "--input", str(corpus), "--out", str(d), "--vocab-size", "300", "--overwrite"]
+    if case == "other-tokenizer":
+        (d / user).write_text(Tokenizer(models.WordLevel({"my": 0, "[UNK]": 1}, unk_token="[UNK]")).to_str())
+    elif case == "other-config":
+        (d / user).write_text(json.dumps({**json.loads((d / user).read_text()), "model_max_length": 2048}))
+    else:
+        (d / user).write_text("my notes")
+    before = snapshot(d)
+    refused(capsys, args, f"holds {user}")
+    assert_kept(before)
+
+
+def test_tokenizer_train_overwrite_replaces_its_own(corpus, tokenizer_dir, tmp_path):
+    d = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, d)
+    args = ["tokenizer", "train", "--input", str(corpus), "--out", str(d), "--vocab-size", "300", "--overwrite"]
+    assert main(args) == 0
+    assert len(json.loads((d / "tokenizer.json").read_text())["model"]["vocab"]) == 300
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
+
+
 def test_long_documents_tokenize_in_pieces_to_the_same_ids(tokenizer_dir):
     from raypatch.prepare import _Tokenize
 
