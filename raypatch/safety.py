@@ -412,6 +412,9 @@ def find_os_error(e: BaseException, errno_: int) -> OSError | None:
     if text in str(e):
         path = re.search(re.escape(text) + r": '([^']+)'", str(e))
         return OSError(errno_, os.strerror(errno_), path.group(1) if path else None)
+    # Rust libraries (safetensors, tokenizers) raise their own types with the OS error in the text.
+    if any(f"(os error {errno_})" in str(x) for x in _chain(e)):
+        return OSError(errno_, os.strerror(errno_))
     return None
 
 

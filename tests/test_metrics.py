@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -96,3 +97,44 @@ def test_the_copies_of_dead_processes_are_swept_and_nothing_else():
     finally:
         for d in (left, mine, other):
             shutil.rmtree(d, ignore_errors=True)
+
+
+def on_full_disk(tmp_path: Path, size: str, *args: str) -> tuple[int, str, list[str]]:
+    """`raypatch *args` with the word FULL replaced by a fresh tmpfs of `size` (a real filesystem that runs
+    out of space: the kernel's ENOSPC, mid-write), mounted in a private mount namespace (`unshare`) that ends
+    with the command. Returns the exit code, stderr and what the command left on that filesystem."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux's unshare to mount a small filesystem privately")
+    full = tmp_path / "full"
+    full.mkdir()
+    argv = " ".join(shlex.quote(a.replace("FULL", str(full))) for a in args)
+    script = (f"mount -t tmpfs -o size={size} tmpfs {full} || exit 99; {shlex.quote(sys.executable)} -m "
+              f"raypatch.cli {argv} 2>{tmp_path}/err; rc=$?; find {full} -mindepth 1 -printf '%P\\n' "
+              f">{tmp_path}/left; exit $rc")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode == 99:
+        pytest.skip(f"this machine does not let a user mount a private tmpfs: {proc.stderr.strip()[:200]}")
+    return proc.returncode, (tmp_path / "err").read_text(), (tmp_path / "left").read_text().split()
+
+
+def test_prepare_onto_a_full_disk_is_one_line_and_leaves_nothing(corpus, tokenizer_dir, tmp_path):
+    rc, err, left = on_full_disk(tmp_path, "256k", "prepare", "--input", str(corpus), "--tokenizer",
+                                 tokenizer_dir, "--out", "FULL/shards", "--shard-tokens", "40000")
+    lines = [ln for ln in err.splitlines() if ln.startswith("raypatch: error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith("raypatch: error: no space left on device"), lines
+    assert f"at {tmp_path / 'full'} (--out)" in lines[0] or f"{tmp_path / 'full'}" in lines[0], lines
+    assert left == [], left  # the half-written set (a temporary sibling) is gone
+
+
+def test_a_full_disk_under_the_run_reaches_the_terminal(tmp_path):
+    """The run's log file and checkpoints on a full disk: the one line still reaches the terminal."""
+    rc, err, left = on_full_disk(tmp_path, "64k", "train", "--config", "tiny", "--set",
+                                 "checkpoint.storage_path=FULL", "data.max_tokens=4096", "eval.wikitext=")
+    lines = [ln for ln in err.splitlines() if ln.startswith("raypatch: error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith("raypatch: error: no space left on device"), lines
+    assert f"{tmp_path / 'full'}" in lines[0] and "checkpoint.storage_path" in lines[0], lines
+    assert not [f for f in left if "/checkpoint-" in f and f.endswith("committed.json")], left

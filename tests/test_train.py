@@ -109,6 +109,18 @@ def test_export_loads_in_transformers_and_matches_final_eval(reference, shards):
     assert out.shape[1] > 1
 
 
+def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing(reference, tmp_path):
+    from .test_metrics import on_full_disk
+
+    _, ref = reference
+    rc, err, left = on_full_disk(tmp_path, "128k", "export", "--checkpoint", ref["checkpoint"], "--out", "FULL/hf")
+    lines = [ln for ln in err.splitlines() if ln.startswith("raypatch: error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith("raypatch: error: no space left on device") and str(tmp_path / "full") in lines[0]
+    assert left == [], left  # the half-written export (a temporary sibling) is gone
+    assert (Path(ref["checkpoint"]) / "committed.json").is_file()
+
+
 def test_zero3_trains_both_phases_and_exports(shards, ray_local, tmp_path):
     from transformers import AutoModelForCausalLM
 
