@@ -534,7 +534,24 @@ def export_files(d: Path) -> set[str]:
     - generation_config.json: transformers' JSON; the tokenizer's files: as safety.tokenizer_file_ok reads them.
 
     Anything else, a name the meta lists included, is foreign: check_replaceable names it and changes nothing.
+    Exports that record each file's SHA-256 (sha256) count a file only when it still has that hash.
     """
+    from raypatch.safety import json_object, read_own
+
+    meta = json_object(read_own(d / "raypatch_meta.json"))
+    model = meta.get("config") if meta is not None else None
+    model = model.get("model") if isinstance(model, dict) else None
+    if meta is None or not isinstance(model, dict) or not set(meta) <= {"state", "config", "files", "sha256"}:
+        return set()
+    own = _export_files(d, meta, model)
+    sums = meta.get("sha256")
+    if isinstance(sums, dict):  # exports since the hashes: each listed file must also be the one written
+        own = {"raypatch_meta.json"} | {f for f in own if f in sums and storage.sha256(d / f) == sums[f]}
+    return own
+
+
+def _export_files(d: Path, meta: dict[str, Any], model: dict[str, Any]) -> set[str]:
+    """export_files' content checks (its docstring)."""
     import re
 
     import torch
@@ -542,11 +559,6 @@ def export_files(d: Path) -> set[str]:
     from raypatch.safety import json_object, read_own, safetensors_header, tokenizer_file_ok
     from raypatch.shards import TOKENIZER_FILES
 
-    meta = json_object(read_own(d / "raypatch_meta.json"))
-    model = meta.get("config") if meta is not None else None
-    model = model.get("model") if isinstance(model, dict) else None
-    if meta is None or not isinstance(model, dict) or not set(meta) <= {"state", "config", "files"}:
-        return set()
     listed = meta["files"] if isinstance(meta.get("files"), list) else [f.name for f in d.iterdir()]
     weights = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
     names = {n for n in map(str, listed) if weights.fullmatch(n) or TOKENIZER_FILES.fullmatch(n) or n in (
@@ -658,6 +670,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str |
                     setattr(model.generation_config, attr, getattr(tok, attr))
         model.to(torch.float32).save_pretrained(tmp, safe_serialization=True)
         files = [*files_under(tmp), "raypatch_meta.json"]
+        sums = {f: storage.sha256(tmp / f) for f in files_under(tmp)}  # what --overwrite may later replace
         (tmp / "raypatch_meta.json").write_text(json.dumps({"state": meta["state"], "config": meta["config"],
-                                                            "files": files}, indent=1))
+                                                            "files": files, "sha256": sums}, indent=1))
     return replace_dir(tmp, out_dir)

@@ -615,9 +615,12 @@ def test_prepare_overwrite_deletes_nothing_it_cannot_prove_its_own(case, user, c
         assert_kept(before)
 
 
-def own_export(d: Path, tokenizer_dir: str) -> Path:
+def own_export(d: Path, tokenizer_dir: str, hashes: bool = False) -> Path:
     """A directory as `raypatch export` writes it (the tiny preset's model in float32 safetensors, the
-    tokenizer, raypatch_meta.json listing the files), made without a checkpoint."""
+    tokenizer, raypatch_meta.json listing the files, and with `hashes` their SHA-256 as export_hf records them
+    now), made without a checkpoint."""
+    import hashlib
+
     from raypatch.model import build_model
     from raypatch.prepare import load_tokenizer
     from raypatch.presets import load_config
@@ -627,8 +630,10 @@ def own_export(d: Path, tokenizer_dir: str) -> Path:
     d.mkdir()
     load_tokenizer(tokenizer_dir).save_pretrained(d)
     build_model(cfg.model, seed=0, pretrained=False).save_pretrained(d, safe_serialization=True)
+    sums = {"sha256": {f: hashlib.sha256((d / f).read_bytes()).hexdigest() for f in files_under(d)}} if hashes \
+        else {}
     (d / "raypatch_meta.json").write_text(json.dumps({"state": {"global_step": 8}, "config": cfg.to_dict(),
-                                                      "files": [*files_under(d), "raypatch_meta.json"]}))
+                                                      "files": [*files_under(d), "raypatch_meta.json"], **sums}))
     return d
 
 
@@ -639,13 +644,21 @@ def own_export(d: Path, tokenizer_dir: str) -> Path:
     ("not-safetensors", "model.safetensors"),
     ("other-config", "config.json"),  # a user's config of another size
     ("tokenizer-file", "tokenizer.json"),
+    ("hashed-other-model", "model.safetensors"),  # the same shapes, other weights: the recorded hash differs
 ])
 def test_export_overwrite_deletes_nothing_it_cannot_prove_its_own(case, user, tokenizer_dir, tmp_path, capsys):
     from safetensors.numpy import save_file
 
-    d = own_export(tmp_path / "hf", tokenizer_dir)
+    from raypatch.model import build_model
+    from raypatch.presets import load_config
+
+    d = own_export(tmp_path / "hf", tokenizer_dir, hashes=case.startswith("hashed"))
     f = d / user
-    if case.startswith("listed"):
+    if case == "hashed-other-model":
+        build_model(load_config("tiny", []).model, seed=1, pretrained=False).save_pretrained(
+            tmp_path / "other", safe_serialization=True)
+        shutil.copy(tmp_path / "other" / user, f)
+    elif case.startswith("listed"):
         f.write_bytes(b"mine")
         meta = json.loads((d / "raypatch_meta.json").read_text())
         (d / "raypatch_meta.json").write_text(json.dumps({**meta, "files": [*meta["files"], user]}))
