@@ -45,7 +45,6 @@ from raypatch import storage
 from raypatch.safety import (
     InputError,
     building,
-    check_not_overlapping,
     check_replaceable,
     files_under,
     replace_dir,
@@ -623,7 +622,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str |
 
     ckpt = Path(ckpt_dir).expanduser().resolve()
     # Also refuses the run directory and any folder above it: they contain the checkpoint.
-    check_not_overlapping(out_dir, [("checkpoint", ckpt)], "--out")
+    storage.check_not_overlapping(out_dir, [("checkpoint", ckpt)], "--out")
     check_replaceable(out_dir, overwrite=overwrite, owned=export_files, what="an export")
     meta = check_checkpoint(ckpt)
     try:
@@ -637,7 +636,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str |
         tok_dir = fetch_tokenizer(tok_dir, meta.get("tokenizer_fingerprint"))
     tok = None
     if tok_dir and Path(tok_dir).is_dir():  # loaded before any work: a directory naming remote code is refused
-        from raypatch.prepare import load_tokenizer
+        from raypatch.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tok_dir)
     try:

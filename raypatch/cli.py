@@ -38,7 +38,7 @@ def tune_command(args: argparse.Namespace) -> dict[str, Path]:
     # log, results.md, heatmap and best.yaml to local disk (the storage directory, or ~/raypatch-runs).
     storage, local = storage_uri(base), local_root(base)
     log = local / "logs" / f"tune-{args.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    with capture(log) as log:
+    with capture(log, stop=end_ray) as log:
         if log:
             say(f"raypatch tune: Ray, Tune, DeepSpeed and worker output go to {log}")
         init_ray()
@@ -309,7 +309,7 @@ def run_command(args: argparse.Namespace) -> None:
         import time
 
         log = Path("~/.cache/raypatch/logs").expanduser() / f"prepare-{time.strftime('%Y%m%d-%H%M%S')}.log"
-        with capture(log) as log:
+        with capture(log, stop=end_ray) as log:
             if log:
                 say(f"raypatch prepare: Ray output goes to {log}")
             m = prepare(args.input, args.tokenizer, args.out, text_field=args.text_field, val_every=args.val_every,

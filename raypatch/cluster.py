@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from raypatch.console import say
+
 START_ATTEMPTS = 3
 RETRY_S = 10
 _started: list[bool] = []  # init_ray connected this process: end_ray may shut it down
@@ -32,8 +34,6 @@ def init_ray(num_cpus: int | None = None, *, dashboard: bool = True) -> None:
 
     if ray.is_initialized():
         return
-    from raypatch.console import say
-
     if os.environ.get("RAY_ADDRESS"):
         say(f"connecting to the Ray cluster at {os.environ['RAY_ADDRESS']}")
         ray.init(log_to_driver=True)
@@ -75,7 +75,6 @@ def check_room(cfg: Any) -> None:
     what the cluster lacks now (pending_lines follows up while the run waits)."""
     import ray
 
-    from raypatch.console import say
     from raypatch.safety import InputError
 
     joined = bool(os.environ.get("RAY_ADDRESS")) or (ray.is_initialized() and not _started)
@@ -188,8 +187,6 @@ def start_local_ray(num_cpus: int, *, log_to_driver: bool = True, dashboard: boo
 
                 raise InputError(f"the local Ray cluster did not start in {START_ATTEMPTS} attempts ({why}); "
                                  f"the machine may be overloaded: retry when it is quieter") from None
-            from raypatch.console import say
-
             say(f"raypatch: the local Ray cluster did not start ({why}); retrying in {RETRY_S} s "
                 f"(attempt {attempt + 1}/{START_ATTEMPTS})", err=True)
             time.sleep(RETRY_S)

@@ -12,7 +12,7 @@ import contextlib
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -40,8 +40,10 @@ def log_path() -> str | None:
 
 
 @contextlib.contextmanager
-def capture(path: Path | None) -> Iterator[Path | None]:
+def capture(path: Path | None, *, stop: Callable[[], None] | None = None) -> Iterator[Path | None]:
     """Send file descriptors 1 and 2 to `path` (appended) for the duration; `say` still reaches the terminal.
+    `stop` (the command's `cluster.end_ray`) runs while output is still captured: Ray prints its last worker
+    lines late, from its log monitor thread, and they belong in the log.
 
     Nested calls and RAYPATCH_VERBOSE=1 leave output where it is (the second for debugging).
     """
@@ -61,12 +63,9 @@ def capture(path: Path | None) -> Iterator[Path | None]:
     try:
         yield path
     finally:
-        # The Ray session this command started ends while output is still captured: Ray prints its last
-        # worker lines late, from its log monitor thread.
-        from raypatch.cluster import end_ray
-
         try:
-            end_ray()
+            if stop is not None:
+                stop()
         finally:
             # The terminal comes back whatever happens: with the log file's disk full, flushing into it fails,
             # and the error line that says so must still reach the user.

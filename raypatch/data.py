@@ -322,7 +322,8 @@ def val_rows(stream: TokenStream, seq_len: int, max_rows: int) -> np.ndarray:
 def text_rows(path: str, tokenizer: str, seq_len: int, max_rows: int, text_field: str = "text") -> np.ndarray:
     """An evaluation set from raw documents (e.g. WikiText-103 test): tokenized with the run's tokenizer,
     separated as in training, concatenated and cut into up to max_rows rows of T tokens: (N, T) int32."""
-    from raypatch.prepare import iter_documents, load_tokenizer, separate, separator
+    from raypatch.prepare import iter_documents
+    from raypatch.tokenizer import load_tokenizer, separate, separator
 
     tok = load_tokenizer(tokenizer)
     sep = separator(tok)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from raypatch.config import Config, ModelConfig, replace
-from raypatch.safety import InputError
+from raypatch.safety import InputError, check_no_remote_code
 
 # raypatch's shape field -> the HF config attribute it mirrors.
 SHAPE = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
@@ -27,35 +27,6 @@ SHAPE = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate
          "num_kv_heads": "num_key_value_heads", "max_position_embeddings": "max_position_embeddings",
          "rope_theta": "rope_theta", "tie_embeddings": "tie_word_embeddings", "init_std": "initializer_range"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
-"""Where a Hugging Face directory names Python code of its own (`auto_map`) for the Auto classes to import."""
-
-
-def check_no_remote_code(d: str | Path, label: str) -> None:
-    """Refuse a directory whose config.json or tokenizer_config.json names code of its own (`auto_map`).
-
-    transformers would import that code (a module file in the directory, or one from the Hub), asking on the
-    terminal first when trust_remote_code is left unset. raypatch passes trust_remote_code=False everywhere;
-    this check says so in one line naming the file, before anything is loaded. A file that is not valid JSON
-    is left to the loader, which cannot read it either (so runs nothing from it)."""
-    for name in REMOTE_CODE_FILES:
-        f = Path(d).expanduser() / name
-        try:
-            data = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and data.get("auto_map"):
-            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-            named = data["auto_map"]
-            shown = ", ".join(f"{k} -> {v}" for k, v in named.items()) if isinstance(named, dict) else str(named)
-            kind = data.get("model_type")
-            # Some Hub repositories ship their own copy of an architecture transformers now builds (Phi-3's did).
-            fix = (f"its model_type {kind!r} is built into transformers: remove auto_map from {name} to use that"
-                   if name == "config.json" and isinstance(kind, str) and kind in CONFIG_MAPPING
-                   else "use an architecture and tokenizer built into transformers")
-            raise InputError(f"{label}: {f} names remote code (auto_map: {shown[:160]}); raypatch runs no code "
-                             f"from model or tokenizer directories (trust_remote_code=False): {fix}")
 
 
 def read_local_config(f: Path, label: str) -> dict[str, Any]:
@@ -231,7 +202,7 @@ def check_tokenizer_fits(m: ModelConfig) -> None:
     tok = tokenizer_of(m)
     if tok is None:
         return
-    from raypatch.prepare import load_tokenizer
+    from raypatch.tokenizer import load_tokenizer
 
     n = len(load_tokenizer(tok))
     if n > m.vocab_size:
@@ -244,7 +215,7 @@ def check_shards_tokenizer(m: ModelConfig, manifest: dict[str, Any], shards: str
     tok = tokenizer_of(m)
     if tok is None or not m.tokenizer_from_model:
         return
-    from raypatch.prepare import tokenizer_info
+    from raypatch.tokenizer import tokenizer_info
 
     want, have = tokenizer_info(tok)["fingerprint"], manifest["tokenizer"]["fingerprint"]
     if want != have:

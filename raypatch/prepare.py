@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -40,7 +39,6 @@ from raypatch import storage
 from raypatch.safety import (
     InputError,
     building,
-    check_not_overlapping,
     check_replaceable,
     find_input_error,
     first_few,
@@ -60,6 +58,7 @@ from raypatch.shards import (
     shards_id,
     tokens_hash,
 )
+from raypatch.tokenizer import check_tokenizer_dir, load_tokenizer, separate, tokenizer_info
 
 SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 EOS = "<|endoftext|>"
@@ -263,7 +262,7 @@ def train_tokenizer(inputs: list[str], out_dir: str, *, vocab_size: int = 8192, 
     if vocab_size < 257:
         raise InputError(f"--vocab-size {vocab_size}: a byte-level BPE needs at least 257 tokens (256 bytes + EOS)")
     files = resolve_inputs(inputs)
-    check_not_overlapping(out_dir, [("input", f) for f in files], "--out")
+    storage.check_not_overlapping(out_dir, [("input", f) for f in files], "--out")
     check_replaceable(out_dir, overwrite=overwrite, owned=tokenizer_files, what="a tokenizer")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -282,87 +281,6 @@ def train_tokenizer(inputs: list[str], out_dir: str, *, vocab_size: int = 8192, 
         fast.save_pretrained(str(tmp))
     replace_dir(tmp, out_dir)
     return out_dir
-
-
-def check_tokenizer_dir(path: str) -> Path:
-    """A local tokenizer directory that names no code of its own (`auto_map`: refused, naming the file)."""
-    from raypatch.hfdir import check_no_remote_code
-
-    p = Path(path)
-    if not p.is_dir() or not any(p.glob("tokenizer*.json")):
-        raise InputError(f"tokenizer {path}: not a local Hugging Face tokenizer directory "
-                         f"(make one with `raypatch tokenizer train`)")
-    check_no_remote_code(p, f"tokenizer {path}")
-    return p
-
-
-def load_tokenizer(path: str) -> Any:
-    """A local HF tokenizer directory (nothing is fetched from a hub, no code of the directory's own runs: one
-    that names some, `auto_map`, is refused with one line)."""
-    from transformers import AutoTokenizer
-
-    p = check_tokenizer_dir(path)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
-    except Exception as e:  # a broken tokenizer.json or config: name the directory, not a traceback
-        raise InputError(f"tokenizer {path}: cannot be loaded ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
-    if not getattr(tok, "is_fast", False):
-        raise InputError(f"tokenizer {path}: a fast (Rust) tokenizer is required")
-    return tok
-
-
-PROBE = "raypatch separator probe"
-
-
-def separator(tok: Any) -> dict[str, Any]:
-    """How the tokenizer separates documents, decided from what it does, not from its config flags.
-
-    A probe is encoded with and without special tokens: BOS before it (Llama-2), EOS after it, or both are
-    what training rows carry around each document. A tokenizer that adds neither (GPT-2) gets EOS appended,
-    GPT-2's own convention. `add_bos_token` cannot be trusted: transformers 5 drops it from
-    tokenizer_config.json when a tokenizer.json exists, while the tokenizer.json post-processor still adds BOS.
-    Returns {"position": "bos" | "eos" | "both", "bos": id | None, "eos": id | None, "id", "token"} where
-    id/token are the separator's first special token.
-    """
-    plain = list(tok(PROBE, add_special_tokens=False)["input_ids"])
-    full = list(tok(PROBE, add_special_tokens=True)["input_ids"])
-    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
-    if at is None:
-        raise InputError("tokenizer: encoding with special tokens changes the text's own tokens; cannot tell "
-                         "how it separates documents")
-    bos = tok.bos_token_id is not None and tok.bos_token_id in full[:at]
-    eos = tok.eos_token_id is not None and tok.eos_token_id in full[at + len(plain):]
-    if not bos and not eos:  # adds nothing: EOS between documents, as GPT-2 does
-        if tok.eos_token_id is None:
-            raise InputError("tokenizer adds no special tokens and has no EOS token; cannot separate documents")
-        eos = True
-    position = "both" if bos and eos else "bos" if bos else "eos"
-    first = "bos" if bos else "eos"
-    return {"id": getattr(tok, f"{first}_token_id"), "token": getattr(tok, f"{first}_token"), "position": position,
-            "bos": tok.bos_token_id if bos else None, "eos": tok.eos_token_id if eos else None}
-
-
-def separate(enc: list[int], sep: dict[str, Any], *, first: bool = True, last: bool = True) -> list[int]:
-    """A document's (or piece's) ids with the separator: BOS before its first piece, EOS after its last."""
-    head = [sep["bos"]] if first and sep["bos"] is not None else []
-    tail = [sep["eos"]] if last and sep["eos"] is not None else []
-    return head + enc + tail
-
-
-def tokenizer_info(path: str) -> dict[str, Any]:
-    tok = load_tokenizer(path)
-    sep = separator(tok)
-    canonical = tok.backend_tokenizer.to_str().encode()
-    # The separator is part of the identity: the same vocabulary separated otherwise makes other rows.
-    mark = f"|{sep['id']}|{sep['position']}" + (f"|{sep['eos']}" if sep["position"] == "both" else "")
-    return {
-        "path": str(Path(path).resolve()),
-        "name": Path(path).name,
-        "vocab_size": len(tok),
-        "fingerprint": hashlib.sha256(canonical + mark.encode()).hexdigest(),
-        "separator": sep,
-    }
 
 
 class _Tokenize:
@@ -611,7 +529,7 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, *, text_field: str 
         raise InputError(f"prepare: --val-every must be >= 0 and --shard-tokens > 0 (got {val_every}, "
                          f"{shard_tokens})")
     files = resolve_inputs(inputs)
-    check_not_overlapping(out_dir, [("tokenizer", tokenizer), *(("input", f) for f in files)], "--out")
+    storage.check_not_overlapping(out_dir, [("tokenizer", tokenizer), *(("input", f) for f in files)], "--out")
     remote = storage.is_uri(out_dir)
     publisher = StorePublisher(out_dir, overwrite) if remote else None
     if publisher is None:

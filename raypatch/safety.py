@@ -14,6 +14,7 @@ Rules every command follows (README "Safety"):
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -43,20 +44,6 @@ def check_name(value: str, field: str) -> str:
 
 def _resolve(p: str | Path) -> Path:
     return Path(p).expanduser().resolve()
-
-
-def check_not_overlapping(out: str | Path, inputs: Iterable[tuple[str, str | Path]], flag: str) -> None:
-    """Refuse an output path that is, contains or lies inside an input (given as (description, path) pairs);
-    local paths and URIs alike (storage.same_place)."""
-    from raypatch.storage import display, same_place
-
-    for what, p in inputs:
-        if not p:
-            continue
-        rel = same_place(out, p)
-        if rel is not None:
-            raise InputError(f"{flag} {display(out)}: {rel} the {what} {display(p) if '://' in str(p) else _resolve(p)}"
-                             f"; choose an output path outside every input")
 
 
 def foreign_entries(d: Path, owned: set[str]) -> list[str]:
@@ -448,3 +435,34 @@ def find_input_error(e: BaseException) -> InputError | None:
             return InputError(lines[-1].split("InputError: ", 1)[1] if lines else str(x))
     lines = [ln for ln in str(e).splitlines() if "InputError: " in ln]
     return InputError(lines[-1].split("InputError: ", 1)[1]) if lines else None
+
+
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
+"""Where a Hugging Face directory names Python code of its own (`auto_map`) for the Auto classes to import."""
+
+
+def check_no_remote_code(d: str | Path, label: str) -> None:
+    """Refuse a directory whose config.json or tokenizer_config.json names code of its own (`auto_map`).
+
+    transformers would import that code (a module file in the directory, or one from the Hub), asking on the
+    terminal first when trust_remote_code is left unset. raypatch passes trust_remote_code=False everywhere;
+    this check says so in one line naming the file, before anything is loaded. A file that is not valid JSON
+    is left to the loader, which cannot read it either (so runs nothing from it)."""
+    for name in REMOTE_CODE_FILES:
+        f = Path(d).expanduser() / name
+        try:
+            data = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+            named = data["auto_map"]
+            shown = ", ".join(f"{k} -> {v}" for k, v in named.items()) if isinstance(named, dict) else str(named)
+            kind = data.get("model_type")
+            # Some Hub repositories ship their own copy of an architecture transformers now builds (Phi-3's did).
+            fix = (f"its model_type {kind!r} is built into transformers: remove auto_map from {name} to use that"
+                   if name == "config.json" and isinstance(kind, str) and kind in CONFIG_MAPPING
+                   else "use an architecture and tokenizer built into transformers")
+            raise InputError(f"{label}: {f} names remote code (auto_map: {shown[:160]}); raypatch runs no code "
+                             f"from model or tokenizer directories (trust_remote_code=False): {fix}")

@@ -330,7 +330,7 @@ def fetch_tokenizer(src: str, fingerprint: str | None) -> str:
     checked against it before it counts."""
     if not storage.is_uri(src):
         return src
-    from raypatch.prepare import tokenizer_info
+    from raypatch.tokenizer import tokenizer_info
 
     key = (fingerprint or hashlib.sha256(storage.display(src).encode()).hexdigest())[:32]
     dst = Path(os.environ.get("RAYPATCH_CACHE", "~/.cache/raypatch")).expanduser() / "tokenizers" / key

@@ -26,7 +26,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
@@ -99,6 +99,19 @@ def same_place(a: str | Path, b: str | Path) -> str | None:
         return None
     o, i = (Path(x).expanduser().resolve() for x in (a, b))
     return "is" if o == i else "contains" if i.is_relative_to(o) else "lies inside" if o.is_relative_to(i) else None
+
+
+def check_not_overlapping(out: str | Path, inputs: Iterable[tuple[str, str | Path]], flag: str) -> None:
+    """Refuse an output path that is, contains or lies inside an input (given as (description, path) pairs);
+    local paths and URIs alike (same_place)."""
+    for what, p in inputs:
+        if not p:
+            continue
+        rel = same_place(out, p)
+        if rel is not None:
+            shown = display(p) if "://" in str(p) else Path(p).expanduser().resolve()
+            raise InputError(f"{flag} {display(out)}: {rel} the {what} {shown}; choose an output path outside "
+                             f"every input")
 
 
 # --- filesystems --------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raypatch.prepare import InputError, load_tokenizer, prepare, resolve_inputs, train_tokenizer
+from raypatch.prepare import InputError, prepare, resolve_inputs, train_tokenizer
+from raypatch.tokenizer import load_tokenizer
 
 
 def test_shards_and_manifest(shards, corpus, tokenizer_dir):
@@ -185,7 +186,8 @@ def test_train_tokenizer_is_deterministic(corpus, tmp_path):
 def test_separator_is_what_the_tokenizer_does(style, corpus, tokenizer_dir, tmp_path):
     """Documents are separated as the tokenizer itself separates them (a probe, not add_bos_token): a row is
     exactly the tokenizer's own encoding with special tokens, and EOS is appended for one that adds nothing."""
-    from raypatch.prepare import _Tokenize, separator, tokenizer_info
+    from raypatch.prepare import _Tokenize
+    from raypatch.tokenizer import separator, tokenizer_info
     from tests.helpers import styled_tokenizer
 
     d = styled_tokenizer(tokenizer_dir, tmp_path / style, style)

@@ -622,9 +622,9 @@ def own_export(d: Path, tokenizer_dir: str, hashes: bool = False) -> Path:
     import hashlib
 
     from raypatch.model import build_model
-    from raypatch.prepare import load_tokenizer
     from raypatch.presets import load_config
     from raypatch.safety import files_under
+    from raypatch.tokenizer import load_tokenizer
 
     cfg = load_config("tiny", [])
     d.mkdir()
@@ -724,7 +724,8 @@ def test_long_documents_tokenize_in_pieces_to_the_same_ids(tokenizer_dir):
 
 
 def test_prepare_joins_the_pieces_of_a_long_document(tokenizer_dir, ray_local, tmp_path):
-    from raypatch.prepare import PIECE_CHARS, _Tokenize, load_tokenizer, prepare
+    from raypatch.prepare import PIECE_CHARS, _Tokenize, prepare
+    from raypatch.tokenizer import load_tokenizer
 
     text = " ".join(json.loads(line)["text"] for line in gzip.open(
         ROOT / "raypatch" / "corpus" / "python-docs-sample.jsonl.gz", "rt"))
@@ -801,11 +802,13 @@ def test_every_transformers_load_refuses_remote_code_itself(hf_model, tokenizer_
     """Behind the up-front check: with it switched off, each load raypatch makes (evaluate's model, the
     tokenizer, init_from's weights) passes trust_remote_code=False, so transformers refuses without asking."""
     import raypatch.hfdir as hfdir
+    import raypatch.tokenizer
     from raypatch.cli import _load_causal_lm
     from raypatch.config import ModelConfig
-    from raypatch.prepare import load_tokenizer
+    from raypatch.tokenizer import load_tokenizer
 
-    monkeypatch.setattr(hfdir, "check_no_remote_code", lambda *a, **k: None)
+    for module in (hfdir, raypatch.tokenizer):  # each imported the check by name
+        monkeypatch.setattr(module, "check_no_remote_code", lambda *a, **k: None)
     marker = tmp_path / "RAN"
     model = tmp_path / "model"
     shutil.copytree(hf_model, model)
