@@ -33,7 +33,7 @@ from raypatch.metrics import plot_runs
 from raypatch.optim import grad_accum_steps
 from raypatch.patching import relative_cost
 from raypatch.presets import _flatten
-from raypatch.safety import InputError, check_not_overlapping, find_input_error
+from raypatch.safety import InputError, find_input_error
 from raypatch.shards import check_vocab, load_manifest, shards_id
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
@@ -95,7 +95,7 @@ def train_and_compare(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
     Runs that already finished (their summary matches this config and their newest checkpoint) are reported,
     not retrained, and nothing is written: a rerun of a finished command prints its results and exits.
     """
-    from raypatch.cluster import init_ray
+    from raypatch.cluster import end_ray, init_ray
     from raypatch.console import capture
 
     runs = planned_runs(default_data(cfg, prepare_now=False))
@@ -103,6 +103,10 @@ def train_and_compare(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
     if all(done.values()):
         say("already trained: reporting the finished run" + ("s" if len(runs) > 1 else "") + " (no file changes; "
             "use another checkpoint.name, or remove the run directory, to train again)")
+        for label, c in runs:
+            content = shards_id(load_manifest(c.data.shards, verify="meta"))
+            if note := moved_shards_note(done[label].get("config") or {}, c, content):
+                say(note)
         results = [(label, done[label]) for label, _ in runs]
         say("\n" + comparison_table(results))
         say(outputs(runs, results, cfg, None))
@@ -111,7 +115,7 @@ def train_and_compare(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
     from raypatch.cluster import check_room
 
     check_room(cfg)  # before a local cluster starts: can it ever hold the run?
-    with capture(log_file(cfg, "train")) as log:
+    with capture(log_file(cfg, "train"), stop=end_ray) as log:
         say(f"raypatch train: outputs go to {run_dir_of(cfg).parent}"
             + (f"; Ray, DeepSpeed and worker output to {log}" if log else ""))
         init_ray()
@@ -136,8 +140,10 @@ def train_and_compare(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
 
 
 # Fields that change no trained weight, and a run's identity (a run directory may have been moved or copied).
+# data.shards is a path: the shard set is compared by its content id instead (same_shards, check_compatible), so
+# the same set reached through another path (moved, a cache, an s3:// URI) resumes, and another set is refused.
 IGNORED = {"gpu_hour_price", "log_every", "compare_baseline", "checkpoint.name", "checkpoint.storage_path",
-           "data.cache_dir", "data.cache_gb"}
+           "data.cache_dir", "data.cache_gb", "data.shards"}
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -157,10 +163,22 @@ def finished_summary(cfg: Config) -> dict[str, Any] | None:
         latest = None if storage.is_uri(cfg.checkpoint.storage_path) else find_latest(run_dir)
         if not summary.get("final") or latest is None or config_diff(summary.get("config") or {}, cfg.to_dict()):
             return None
-        step = json.loads((latest / "meta.json").read_text())["state"]["global_step"]
+        meta = json.loads((latest / "meta.json").read_text())
+        step = meta["state"]["global_step"]
+        if meta.get("shards_id") and meta["shards_id"] != shards_id(load_manifest(cfg.data.shards, verify="meta")):
+            return None  # another shard set under that path: preflight refuses it, naming both
     except (OSError, ValueError, KeyError, TypeError, InputError):
         return None
     return summary if step == (summary.get("state") or {}).get("global_step") else None
+
+
+def moved_shards_note(old_config: dict[str, Any], cfg: Config, content: str) -> str | None:
+    """One line when a run continues on its shard set reached through another path (same content id)."""
+    old = (old_config.get("data") or {}).get("shards")
+    if not old or old == cfg.data.shards:
+        return None
+    return (f"data.shards={cfg.data.shards} is the run's shard set by content (id {content[:12]}), which it "
+            f"was made with at {old}: continuing")
 
 
 def outputs(runs: list[tuple[str, Config]], results: list[tuple[str, dict[str, Any]]], cfg: Config,
@@ -228,6 +246,8 @@ def preflight(cfg: Config) -> list[PhasePlan]:
         meta = check_checkpoint(latest)
         check_compatible(meta, config=cfg.to_dict(), tokenizer_fingerprint=manifest["tokenizer"]["fingerprint"],
                          plan=plan_dicts(plans), shards=shards_id(manifest), where=str(latest))
+        if note := moved_shards_note(meta["config"], cfg, shards_id(manifest)):
+            say(note)
         st = TrainState.from_dict(meta["state"])
         diff = config_diff(meta["config"], cfg.to_dict())
         if diff and (st.phase >= len(plans) or (st.phase == len(plans) - 1
@@ -253,7 +273,7 @@ def check_storage(cfg: Config) -> None:
             if not os.access(p, os.W_OK):
                 raise InputError(f"config field 'checkpoint.storage_path': {p} is not writable")
             break
-    check_not_overlapping(run_dir_of(cfg), [("shard set (data.shards)", cfg.data.shards),
+    storage.check_not_overlapping(run_dir_of(cfg), [("shard set (data.shards)", cfg.data.shards),
                                             ("evaluation file (eval.wikitext)", cfg.eval.wikitext)],
                           "run directory (checkpoint.storage_path/checkpoint.name)")
 

@@ -98,10 +98,14 @@ def _once(run_dir: Path, point: str, name: str) -> bool:
     return True
 
 
-def _after_earlier_commit(run_dir: Path) -> None:
-    # Polled from storage, not asked of Ray: the upload thread cannot wait on the training thread's reports.
+def _after_earlier_commit(run_dir: Path, name: str) -> None:
+    """Until the newest checkpoint before `name` is committed (at most a minute). Polled from storage, not asked
+    of Ray: the upload thread cannot wait on the training thread's reports."""
     deadline = time.time() + 60
-    while not list(run_dir.glob("checkpoint-*/committed.json")) and time.time() < deadline:
+    while time.time() < deadline:
+        earlier = sorted(d for d in run_dir.glob("checkpoint-*") if d.name < name)
+        if earlier and (earlier[-1] / "committed.json").exists():
+            return
         time.sleep(0.2)
 
 
@@ -130,7 +134,7 @@ def maybe_kill_in_upload(store: Any, local: Path, name: str, rank: int, done: bo
     run_dir = Path(store.experiment_fs_path)
     if point is None or not _once(run_dir, point, name):
         return
-    _after_earlier_commit(run_dir)
+    _after_earlier_commit(run_dir, name)
     if point != "uploaded":
         fs, dest = store.storage_filesystem, store.build_checkpoint_path_from_name(name)
         files = sorted(p for p in local.rglob("*") if p.is_file())

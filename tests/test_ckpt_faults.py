@@ -103,7 +103,7 @@ def test_a_kill_while_a_checkpoint_is_written_is_resumed_past(point, rank, step,
     torn = run / f"checkpoint-{step:07d}"
     left = storage_state(torn)
     latest = find_latest(run)
-    assert latest is not None and latest.name < torn.name
+    assert latest is not None and latest.name == f"checkpoint-{step - 4:07d}"  # the one committed before
     capsys.readouterr()
     preflight(cfg)
     said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("passing over ")]
@@ -147,6 +147,7 @@ def test_the_whole_process_tree_killed_mid_upload_is_resumed_past(reference, sha
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     latest_line = [ln for ln in done.stdout.splitlines() if ln.startswith("passing over ")]
     assert len(latest_line) == 1 and torn.name in latest_line[0], done.stdout[-3000:]
+    assert f"resumes from checkpoint-{step - 4:07d}" in latest_line[0], latest_line
     row = {"kill": f"whole process tree, rank 1 mid-upload of checkpoint-{step:07d}", "left_in_storage": left,
            "resumed_from": latest_line[0].rsplit("resumes from ", 1)[1].split()[0].rstrip(".;,"),
            **compare(run, reference), "seconds": round(time.time() - t0, 1)}

@@ -121,6 +121,26 @@ def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing(reference, tmp_p
     assert (Path(ref["checkpoint"]) / "committed.json").is_file()
 
 
+def test_a_moved_shard_set_is_the_same_run(reference, shards, tmp_path, capsys):
+    """Identity by content: the reference run's shard set copied to another path (the same bytes, so the same
+    content id) is that run's set. The finished run is reported, not refused as "another config", and the
+    pre-flight check says in one line that it continues on it."""
+    import shutil
+
+    from raypatch.driver import finished_summary, preflight
+
+    cfg, ref = reference
+    moved = tmp_path / "moved"
+    shutil.copytree(shards, moved)
+    again = apply_overrides(cfg, [f"data.shards={moved}"])
+    assert finished_summary(again)["state"] == ref["state"]
+    capsys.readouterr()
+    preflight(again)
+    said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("data.shards=")]
+    assert len(said) == 1 and f"data.shards={moved} is the run's shard set by content" in said[0], said
+    assert f"made with at {shards}" in said[0]
+
+
 def test_zero3_trains_both_phases_and_exports(shards, ray_local, tmp_path):
     from transformers import AutoModelForCausalLM
 
