@@ -146,6 +146,7 @@ def maybe_kill_in_upload(store: Any, local: Path, name: str, rank: int, done: bo
             with fs.open_output_stream(target) as f:
                 f.write(data[: int(len(data) * part)])
     if point == "hold":
+        (run_dir / f".holding-{name}").touch()  # the torn upload is in storage: the drill may kill now
         while True:  # the drill kills this process, with every other one of the run
             time.sleep(1)
     os.kill(os.getpid(), signal.SIGKILL)
