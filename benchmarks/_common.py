@@ -157,6 +157,26 @@ def start_ray(num_cpus: int = 4) -> bool:
     return True
 
 
+def fake_s3_env() -> None:
+    """Fake credentials for the local S3 server (it takes any key), set before Ray starts so its workers have them
+    too: no real credential from the environment ever goes to it."""
+    os.environ |= {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+                   "AWS_EC2_METADATA_DISABLED": "true"}
+    for k in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        os.environ.pop(k, None)
+
+
+def fit_run(cfg: Any) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
+    """raypatch.driver.fit(cfg) without export: its summary, the run's metrics.jsonl rows, the fit's seconds."""
+    from raypatch.driver import fit
+    from raypatch.metrics import read_metrics
+
+    t = time.perf_counter()
+    s = fit(cfg, export=False)
+    wall = time.perf_counter() - t
+    return s, read_metrics(Path(s["run_dir"]) / "metrics.jsonl"), wall
+
+
 def corpus_subset(src: Path, num_docs: int, *, shuffle_seed: int | None = None) -> Path:
     """The first num_docs documents of src (0: all), or with shuffle_seed a seeded random sample of num_docs in
     shuffled order, as a JSONL.gz in the cache; src itself when nothing is to change.

@@ -13,7 +13,6 @@ workers share them). Arms run in ABBA order. Writes benchmarks/results/ckpt_stal
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -39,16 +38,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def train(cfg: Any) -> dict[str, Any]:
-    from raypatch.driver import fit
-    from raypatch.metrics import read_metrics
-
-    t = time.perf_counter()
-    s = fit(cfg, export=False)
-    rows = read_metrics(Path(s["run_dir"]) / "metrics.jsonl")
+    s, rows, wall = C.fit_run(cfg)
     stalls = [r["checkpoint/stall_s"] for r in rows if r.get("event") == "checkpoint"]
     st = s["state"]
     train_s = sum(st["seconds"].values())
-    return {"wall_s": time.perf_counter() - t, "stalls_s": stalls, "steps": st["global_step"],
+    return {"wall_s": wall, "stalls_s": stalls, "steps": st["global_step"],
             "train_s": train_s, "loop_steps_per_s": st["global_step"] / (train_s + sum(stalls)),
             "checkpoint": s.get("checkpoint")}
 
@@ -63,10 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     from raypatch.presets import PRESETS
     from tests.s3util import BUCKET, S3Server, uri
 
-    os.environ |= {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-                   "AWS_EC2_METADATA_DISABLED": "true"}
-    for k in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        os.environ.pop(k, None)
+    C.fake_s3_env()
     t0 = time.perf_counter()
     load = C.LoadTracker()
     C.start_ray()

@@ -48,13 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(cfg: Any) -> dict[str, Any]:
-    from raypatch.driver import fit
-    from raypatch.metrics import read_metrics
-
-    t = time.perf_counter()
-    s = fit(cfg, export=False)
-    wall = time.perf_counter() - t
-    rows = read_metrics(Path(s["run_dir"]) / "metrics.jsonl")
+    s, rows, wall = C.fit_run(cfg)
     evals = [r for r in rows if r.get("event") == "eval"]
     return {"fit_wall_s": wall, "state": s["state"], "params": s["params"],
             "flops_per_position": s["flops_per_position"], "final_val_loss": evals[-1].get("val/loss") if evals

@@ -17,7 +17,6 @@ Run: python benchmarks/s3_data.py   (about 8 minutes; writes benchmarks/results/
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -79,14 +78,10 @@ class MemorySampler:
 
 
 def train(cfg: Any) -> dict[str, Any]:
-    from raypatch.driver import fit
-    from raypatch.metrics import read_metrics
-
-    t = time.perf_counter()
     with MemorySampler() as mem:
-        s = fit(cfg, export=False)
-    rows = [r for r in read_metrics(Path(s["run_dir"]) / "metrics.jsonl") if "perf/tokens_per_s" in r]
-    out: dict[str, Any] = {"wall_s": time.perf_counter() - t, "final_val_loss": s["final"].get("val/loss"),
+        s, rows, wall = C.fit_run(cfg)
+    rows = [r for r in rows if "perf/tokens_per_s" in r]
+    out: dict[str, Any] = {"wall_s": wall, "final_val_loss": s["final"].get("val/loss"),
                            "peak_rss_mib": mem.summary()}
     for phase in ("patch", "token"):
         rs = [r for r in rows if r["phase"] == phase][1:]  # the first window holds the phase's start-up
@@ -109,12 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     from raypatch.shards import load_manifest
     from tests.s3util import BUCKET, FaultProxy, S3Server, uri
 
-    # The local server takes any key; these fake ones are set before Ray starts so its workers have them too,
-    # and no real credential from the environment ever goes to it.
-    os.environ |= {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-                   "AWS_EC2_METADATA_DISABLED": "true"}
-    for k in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        os.environ.pop(k, None)
+    C.fake_s3_env()
     t0 = time.perf_counter()
     load = C.LoadTracker()
     C.start_ray()

@@ -2,8 +2,9 @@
 
     python benchmarks/scaling.py [--repeats 2]
 
-- The bound: benchmarks/ddp_bound.py's 2-process torch DDP loop (gloo, one thread a process, the demo model, 4,096
-  tokens a step in micro-batches of 4 rows, fused AdamW, no Ray, no DeepSpeed), measured between raypatch's
+- The bound: the same step as plain torch DDP in 2 processes (gloo on 127.0.0.1, one thread a process, the demo
+  model, 4,096 tokens a step in micro-batches of 4 rows, fused AdamW, clipping, random token ids, no Ray, no
+  DeepSpeed; DDP all-reduces the gradient in buckets during the last backward), measured between raypatch's
   2-worker runs (with the overlapped all-reduce, the default, and with scale.overlap_allreduce=false) in
   ABC/CBA order, so that all see the same machine state. Ratio: raypatch 2 workers ÷ DDP 2 processes, per phase
   (issue 23 asks >= 0.97).
@@ -31,9 +32,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-sys.path.insert(0, str(C.ROOT))
 PARTS = ("data_wait", "forward_backward", "flags", "optimizer")
 EXTRA = ("cpu_share",)
+TOKENS_PER_STEP, MICRO_ROWS = 4096, 4  # the DDP loop's
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,19 +46,91 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def ddp_phase(ddp: Any, opt: Any, k: int, seq_len: int, steps: int) -> float:
+    """`steps` optimizer steps of this rank's half of TOKENS_PER_STEP, in rows of k·seq_len tokens and
+    micro-batches of MICRO_ROWS (no_sync on all but the last); returns seconds."""
+    import contextlib
+
+    import torch
+
+    ga = TOKENS_PER_STEP // (k * seq_len) // 2 // MICRO_ROWS
+    ids = torch.randint(0, 4096, (MICRO_ROWS, k * seq_len))
+    t = time.perf_counter()
+    for _ in range(steps):
+        for i in range(ga):
+            with contextlib.nullcontext() if i == ga - 1 else ddp.no_sync():
+                (ddp(ids, k) / ga).backward()  # a PatchLM: forward(ids, k) is the phase's loss
+        torch.nn.utils.clip_grad_norm_(ddp.module.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t
+
+
+def ddp_rank(rank: int, port: int, rounds: int, base_steps: int, q: Any) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from raypatch import presets
+    from raypatch.model import PatchLM, build_model
+    from raypatch.optim import param_groups
+
+    torch.set_num_threads(1)
+    cfg = presets.demo()
+    seq_len = cfg.data.seq_len
+    model = PatchLM(build_model(cfg.model, seed=0))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.AdamW(param_groups(model.hf, 0.1), lr=1e-4, fused=True)
+    rates: dict[int, list[float]] = {1: [], 4: []}
+    for k in (1, 4):  # warm-up
+        ddp_phase(ddp, opt, k, seq_len, 2)
+    for r in range(rounds):
+        for k in ((1, 4) if r % 2 == 0 else (4, 1)):
+            n = base_steps * k  # the same time per phase per round
+            rates[k].append(n * TOKENS_PER_STEP / ddp_phase(ddp, opt, k, seq_len, n))
+    if rank == 0:
+        q.put(rates)
+    dist.destroy_process_group()
+
+
+def ddp_measure(rounds: int = 4, base_steps: int = 4) -> dict[int, list[float]]:
+    """tokens/s of the 2-process DDP loop per round, token phase (1) and patch phase (4), phases alternating."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=ddp_rank, args=(r, port, rounds, base_steps, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    rates = None
+    while rates is None:  # a rank that dies (an error) must not leave this waiting forever
+        try:
+            rates = q.get(timeout=5)
+        except Exception:  # noqa: BLE001 - queue.Empty
+            if any(p.exitcode not in (None, 0) for p in procs):
+                for p in procs:
+                    p.kill()
+                raise SystemExit("a rank failed (its traceback is above)") from None
+    for p in procs:
+        p.join()
+    return rates
+
+
 def raypatch_run(base: Any, shards: str, workers: int, steps: int, storage: Path, name: str,
                  *extra: str) -> dict[str, Any]:
     from raypatch.config import apply_overrides
-    from raypatch.driver import fit
-    from raypatch.metrics import read_metrics
 
     cfg = apply_overrides(base, [f"data.shards={shards}", f"scale.num_workers={workers}", "compare_baseline=false",
                                  f"data.max_tokens={steps * base.optim.tokens_per_step}", "log_every=4",
                                  "eval.every_steps=0", "eval.wikitext=", "eval.max_rows=8",
                                  "checkpoint.every_steps=0", f"checkpoint.storage_path={storage}",
                                  f"checkpoint.name={name}", "checkpoint.keep=1", *extra])
-    s = fit(cfg, export=False)
-    rows = [r for r in read_metrics(Path(s["run_dir"]) / "metrics.jsonl") if "perf/tokens_per_s" in r]
+    rows = [r for r in C.fit_run(cfg)[1] if "perf/tokens_per_s" in r]
     out: dict[str, Any] = {}
     for phase in ("patch", "token"):
         rs = [r for r in rows if r["phase"] == phase][1:]
@@ -68,8 +141,6 @@ def raypatch_run(base: Any, shards: str, workers: int, steps: int, storage: Path
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    import ddp_bound
-
     from raypatch.presets import PRESETS
 
     t0 = time.perf_counter()
@@ -87,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             for i, arm in enumerate(list(pair) if rep % 2 == 0 else list(pair)[::-1]):
                 if arm == "ddp":
                     with C.CpuSampler("spawn_main") as cpu:
-                        rates = ddp_bound.measure(2, 4, 4)
+                        rates = ddp_measure()
                     pair["ddp"].append({"token": statistics.median(rates[1]), "patch": statistics.median(rates[4]),
                                         "cpu": cpu.shares()})
                     print(f"[pair {rep + 1}] ddp: {pair['ddp'][-1]}", flush=True)

@@ -175,12 +175,10 @@ def data_wait(loop: PlainLoop, plan: Any, shards: str, cfg: Any, steps: int, war
 # --- raypatch's trainer, one worker -----------------------------------------------------------------------
 
 
-def phase_rates(metrics_path: Path, tps: int) -> dict[str, dict[str, Any]]:
+def phase_rates(rows: list[dict[str, Any]], tps: int) -> dict[str, dict[str, Any]]:
     """Per phase: tokens/s and data-wait over the log windows after the first one of that phase."""
-    from raypatch.metrics import read_metrics
-
     out: dict[str, dict[str, Any]] = {}
-    rows = [r for r in read_metrics(metrics_path) if "perf/tokens_per_s" in r]
+    rows = [r for r in rows if "perf/tokens_per_s" in r]
     for phase in ("patch", "token"):
         win = [r for r in rows if r["phase"] == phase]
         used = win[1:]
@@ -201,7 +199,6 @@ def phase_rates(metrics_path: Path, tps: int) -> dict[str, dict[str, Any]]:
 def run_raypatch(cfg: Any, steps: int, threads: int, tmp: Path, zero_stage: int = 0, workers: int = 1,
                  overrides: tuple[str, ...] = (), name: str = "") -> dict[str, Any]:
     from raypatch.config import apply_overrides
-    from raypatch.driver import fit
 
     tps = cfg.optim.tokens_per_step
     name = name or f"throughput-raypatch-{workers}w-zero{zero_stage}"
@@ -210,10 +207,8 @@ def run_raypatch(cfg: Any, steps: int, threads: int, tmp: Path, zero_stage: int 
         f"scale.cpus_per_worker={threads}", "eval.every_steps=0", "eval.max_rows=8", "checkpoint.every_steps=0",
         "log_every=10", "compare_baseline=false", f"checkpoint.storage_path={tmp}", f"scale.zero_stage={zero_stage}",
         f"checkpoint.name={name}", *overrides])
-    t = time.perf_counter()
-    s = fit(fcfg, export=False)
-    wall = time.perf_counter() - t
-    phases = phase_rates(Path(s["run_dir"]) / "metrics.jsonl", tps)
+    s, rows, wall = C.fit_run(fcfg)
+    phases = phase_rates(rows, tps)
     shutil.rmtree(Path(s["run_dir"]), ignore_errors=True)  # the next arm reuses the name: start it fresh
     return {"wall_s": wall, "state": s["state"], "phases": phases}
 
