@@ -58,6 +58,21 @@ def worker_resources(cfg: Any) -> dict[str, float]:
     return res
 
 
+def kernel_env(cfg: Any) -> dict[str, str]:
+    """The environment that pins a CPU run's kernels (scale.cpu_kernels=avx2), for its Train workers.
+
+    fp32 sums round differently in AVX-512 and AVX2 code (softmax, attention and the fused AdamW in torch, the
+    matrix products in MKL), and a few hundred steps amplify a last-digit difference into percents of perplexity:
+    unpinned, the same run gives another table on another CPU model. Both variables are read when a process first
+    computes, so they go into the workers' environment at start. Only on x86: elsewhere torch knows no 'avx2'."""
+    import platform
+
+    if cfg.scale.use_gpu or cfg.scale.cpu_kernels == "native" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return {}
+    # MKL's conditional numerical reproducibility: its AVX2 branch on every CPU (it picks AVX-512 on Intel's).
+    return {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+
+
 def room_needed(cfg: Any) -> dict[str, float]:
     """What a run holds at once: its fewest workers' resources, plus a read task's CPU for Ray Data (with every
     CPU held by Train workers, Ray Data's reads never get one and the run hangs)."""

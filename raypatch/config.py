@@ -282,6 +282,9 @@ class ScaleConfig:
     """ZeRO-3 keeps parameters with fewer elements whole on every rank (0 partitions everything)."""
     overlap_allreduce: bool = True
     """Without ZeRO in fp32: all-reduce gradient buckets during the last backward (as torch DDP does)."""
+    cpu_kernels: str = "avx2"
+    """CPU workers: 'avx2' pins torch's and MKL's kernels to their AVX2 code (the same losses, bit for bit, on
+    any x86 CPU with AVX2); 'native' takes the fastest this CPU has (AVX-512 ones round differently)."""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):  # before the range check, for its wording
@@ -300,6 +303,8 @@ class ScaleConfig:
                       f"finite and >= 0.0001, got {item!r}")
         if self.precision not in ("bf16", "fp32"):
             _fail("scale.precision", f"must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.cpu_kernels not in ("avx2", "native"):
+            _fail("scale.cpu_kernels", f"must be 'avx2' or 'native', got {self.cpu_kernels!r}")
 
 
 @dataclass(kw_only=True)

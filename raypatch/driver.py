@@ -146,9 +146,16 @@ IGNORED = {"gpu_hour_price", "log_every", "compare_baseline", "checkpoint.name",
            "data.cache_dir", "data.cache_gb", "data.shards"}
 
 
+# Fields added since runs were first written, with the value every run made before had in effect.
+FIELDS_ADDED = {"scale.cpu_kernels": "native"}
+
+
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The fields that shape training and differ between two config dicts, as 'key: old -> new'."""
     a, b = dict(_flatten(old, source="a run's config")), dict(_flatten(new, source="the config"))
+    for k, before in FIELDS_ADDED.items():
+        if a and k not in a:
+            a[k] = before
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
             if a.get(k) != b.get(k) and k not in IGNORED]
 
@@ -283,13 +290,13 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, console: Any = 
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raypatch.cluster import worker_resources
+    from raypatch.cluster import kernel_env, worker_resources
 
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "TOKENIZERS_PARALLELISM": "false",
            "DS_ACCELERATOR": "cuda" if cfg.scale.use_gpu else "cpu"}
-    env |= {k: v for k, v in os.environ.items() if k.startswith("RAYPATCH_")}
+    env |= {k: v for k, v in os.environ.items() if k.startswith("RAYPATCH_")} | kernel_env(cfg)
     from raypatch.train import train_loop_per_worker
 
     return TorchTrainer(

@@ -130,8 +130,14 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     # Without ZeRO in fp32, the gradient all-reduce runs during the last backward (raypatch.overlap).
     overlap = (OverlappedAllReduce(engine, clip=cfg.optim.grad_clip) if overlapped(cfg, stage, w.world_size)
                else None)
+    # The kernel set a CPU run computes with (scale.cpu_kernels): summary.json keeps it beside the figures.
+    kernels = torch.backends.cpu.get_cpu_capability() if w.device.type == "cpu" else w.device.type
     w.say(f"{w.world_size} worker(s) ready: {n_params:,} parameters, DeepSpeed {stage_name(stage)} "
-          f"{cfg.scale.precision} on {w.device.type}; training")
+          f"{cfg.scale.precision} on {w.device.type}" + (f" ({kernels} kernels)" if w.device.type == "cpu" else "")
+          + "; training")
+    if w.device.type == "cpu" and cfg.scale.cpu_kernels == "avx2" and kernels != "AVX2":
+        w.say("this CPU cannot run the AVX2 kernels scale.cpu_kernels=avx2 asks for: its losses can differ from "
+              "an AVX2 machine's in the last digits, and after a few hundred steps in the table's")
     val_sets = evaluation_sets(cfg, manifest, w.world_size)
     writer = MetricsWriter(run_dir, enabled=w.rank == 0)
     flops_per_pos = flops_per_position(num_params=n_params, num_layers=cfg.model.num_layers,
@@ -226,7 +232,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     dist.barrier()
     return {"state": state.to_dict(), "params": n_params, "flops_per_position": flops_per_pos,
-            "config": cfg.to_dict(), "plan": plan_dicts(plans), "final": {k: v for k, v in metrics.items() if "/" in k}}
+            "config": cfg.to_dict(), "plan": plan_dicts(plans), "final": {k: v for k, v in metrics.items() if "/" in k},
+            "kernels": kernels}
 
 
 # --- what the loop calls ------------------------------------------------------------------------------------
