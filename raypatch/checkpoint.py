@@ -630,15 +630,24 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str |
     except ValueError as e:
         raise InputError(f"checkpoint {ckpt_dir}: {META} holds an invalid config ({e})") from None
     tok_dir = tokenizer_dir or meta.get("tokenizer_dir")
+    want = meta.get("tokenizer_fingerprint")
     if tok_dir and storage.is_uri(tok_dir):  # the shards' tokenizer on a store: a checked local copy
         from raypatch.shards import fetch_tokenizer
 
-        tok_dir = fetch_tokenizer(tok_dir, meta.get("tokenizer_fingerprint"))
+        tok_dir = fetch_tokenizer(tok_dir, want)
     tok = None
-    if tok_dir and Path(tok_dir).is_dir():  # loaded before any work: a directory naming remote code is refused
-        from raypatch.tokenizer import load_tokenizer
+    if tok_dir and not Path(tok_dir).is_dir():
+        # The run's tokenizer is known by content (its fingerprint), not by where it was: a moved one is named.
+        raise InputError(f"checkpoint {ckpt_dir}: its tokenizer {tok_dir} is not a directory (moved with the shard "
+                         f"set?); give its place with --tokenizer DIR (fingerprint {str(want)[:12]})"
+                         if not tokenizer_dir else f"--tokenizer {tok_dir}: not a directory")
+    if tok_dir:  # loaded before any work: a directory naming remote code is refused
+        from raypatch.tokenizer import load_tokenizer, tokenizer_info
 
         tok = load_tokenizer(tok_dir)
+        if tokenizer_dir and want and (got := tokenizer_info(tok_dir)["fingerprint"]) != want:
+            raise InputError(f"--tokenizer {tok_dir}: not the tokenizer checkpoint {ckpt_dir} was trained with "
+                             f"(fingerprint {got[:12]}, the run's {want[:12]})")
     try:
         # zero_to_fp32 prints its progress to stdout, which is evaluate's JSON output: keep it off the terminal.
         with restricted_torch_load(), contextlib.redirect_stdout(io.StringIO()):

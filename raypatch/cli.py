@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--checkpoint", required=True)
     ex.add_argument("--out", required=True, help="a new directory (never inside the checkpoint or its run)")
     ex.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
+    ex.add_argument("--tokenizer", default=None,
+                    help="the run's tokenizer where it is now, when it moved (checked to be the same by content)")
     return p
 
 
@@ -359,7 +361,7 @@ def run_command(args: argparse.Namespace) -> None:
         from raypatch.checkpoint import export_hf, local_copy
 
         with local_copy(args.checkpoint) as ckpt:  # a checkpoint on S3 (or any URI) is read from a local copy
-            print(export_hf(ckpt, args.out, overwrite=args.overwrite))
+            print(export_hf(ckpt, args.out, tokenizer_dir=args.tokenizer, overwrite=args.overwrite))
 
 
 def parse_list(text: str, kind: type, flag: str) -> list[Any]:

@@ -58,7 +58,7 @@ def deepspeed_config(cfg: Config, grad_accum: int, world_size: int, num_params: 
         "bf16": {"enabled": cfg.scale.precision == "bf16"},
         # torch_adam avoids compiling DeepSpeed's fused Adam (40-70 s) and runs on CPU and GPU alike; torch's own
         # fused kernel (CPU and CUDA) steps the demo model's AdamW in 0.95 ms instead of 3.1 (1 core;
-        # benchmarks/step_costs.py): a fixed per-step cost that weighs K times more in a patch step.
+        # issue 14's per-step probe): a fixed per-step cost that weighs more in a patch step.
         "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
                                                   "weight_decay": o.weight_decay, "torch_adam": True,
                                                   "fused": o.fused_adamw}},

@@ -2,7 +2,7 @@
 
 DeepSpeed's engine without ZeRO all-reduces every gradient after the last micro-batch's backward has finished,
 so each optimizer step waits for the whole all-reduce (4.5-5.6 ms for the demo model on 2 CPU workers over gloo,
-benchmarks/results/step_costs.md). A patch step holds K times fewer micro-batches than a token step, so that
+as issue 14's per-step probe measured it). A patch step holds K times fewer micro-batches than a token step, so that
 fixed cost weighs K times more there. `OverlappedAllReduce` turns DeepSpeed's all-reduce off and instead
 launches an asynchronous all-reduce of each bucket of gradients as soon as the last micro-batch's backward has
 produced all of them, in reverse parameter order (roughly the order the backward produces them); the loop

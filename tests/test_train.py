@@ -19,7 +19,7 @@ from raypatch.config import Config, apply_overrides
 from raypatch.data import TokenStream, plan_from_config, val_rows
 from raypatch.shards import load_manifest
 
-from .conftest import WIKITEXT
+from .conftest import EMBEDDED, WIKITEXT
 from .helpers import blocks_by_step as trained_steps
 from .helpers import step_losses
 
@@ -139,6 +139,38 @@ def test_a_moved_shard_set_is_the_same_run(reference, shards, tmp_path, capsys):
     said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("data.shards=")]
     assert len(said) == 1 and f"data.shards={moved} is the run's shard set by content" in said[0], said
     assert f"made with at {shards}" in said[0]
+
+
+def test_export_finds_a_moved_tokenizer_by_content(reference, shards, tmp_path, capsys):
+    """The checkpoint names its tokenizer by path and fingerprint. When the path is gone (the shard set moved),
+    export refuses in one line instead of writing a model without its tokenizer; --tokenizer gives the new
+    place, which must hold the same tokenizer by content (another one is refused, naming both fingerprints)."""
+    import shutil
+
+    from raypatch.cli import main
+    from raypatch.prepare import train_tokenizer
+
+    _, ref = reference
+    ckpt = tmp_path / "checkpoint"
+    shutil.copytree(ref["checkpoint"], ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    moved = tmp_path / "moved-shards"
+    shutil.copytree(shards, moved)
+    meta["tokenizer_dir"] = str(tmp_path / "gone" / "tokenizer")  # where the shard set was when it trained
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a directory (moved with the shard set?); give its place with --tokenizer DIR" in err, err
+    assert not (tmp_path / "a").exists()
+
+    other = tmp_path / "other-tok"
+    train_tokenizer([str(EMBEDDED)], str(other), vocab_size=300)
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "b"), "--tokenizer", str(other)]) == 2
+    assert "not the tokenizer checkpoint" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+    tok = moved / load_manifest(str(moved))["tokenizer"].get("dir", "tokenizer")
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "c"), "--tokenizer", str(tok)]) == 0
+    assert (tmp_path / "c" / "tokenizer.json").read_bytes() == (Path(ref["export"]) / "tokenizer.json").read_bytes()
 
 
 def test_zero3_trains_both_phases_and_exports(shards, ray_local, tmp_path):
