@@ -182,11 +182,21 @@ class PatchConfig:
     """Fraction λ of the data trained at patch level; the rest is trained at token level."""
     context: str = "patches"
     """'patches': a patch-phase row is K·T tokens read as T patches (the paper); 'tokens': T tokens as T/K."""
+    weights: str = "uniform"
+    """The K tokens of the next patch in the loss: 'uniform' (the paper's mean) or 'power:α', w_i ∝ (i+1)^-α."""
 
     def __post_init__(self) -> None:
         _check_numbers(self, "patch.")
         if self.context not in ("patches", "tokens"):
             _fail("patch.context", f"must be 'patches' or 'tokens', got {self.context!r}")
+        kind, _, alpha = self.weights.partition(":")
+        try:
+            ok = self.weights == "uniform" or (kind == "power" and 0 <= float(alpha) <= 16)
+        except ValueError:
+            ok = False
+        if not ok:
+            _fail("patch.weights", f"must be 'uniform' or 'power:α' with 0 <= α <= 16 (e.g. power:1), "
+                                   f"got {self.weights!r}")
 
 
 @dataclass(kw_only=True)

@@ -147,7 +147,7 @@ IGNORED = {"gpu_hour_price", "log_every", "compare_baseline", "checkpoint.name",
 
 
 # Fields added since runs were first written, with the value every run made before had in effect.
-FIELDS_ADDED = {"scale.cpu_kernels": "native"}
+FIELDS_ADDED = {"scale.cpu_kernels": "native", "patch.weights": "uniform"}
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from raypatch.config import ModelConfig
-from raypatch.patching import next_patch_loss, patch_embeddings
+from raypatch.patching import bag_weights, next_patch_loss, patch_embeddings
 
 
 def hf_config(cfg: ModelConfig) -> PretrainedConfig:
@@ -82,12 +82,12 @@ def count_params(cfg: ModelConfig, *, exclude_embeddings: bool = False) -> int:
         return num_params(build_model(cfg, pretrained=False), exclude_embeddings=exclude_embeddings)
 
 
-def lm_loss(model: PreTrainedModel, input_ids: torch.Tensor, k: int) -> torch.Tensor:
+def lm_loss(model: PreTrainedModel, input_ids: torch.Tensor, k: int, weights: str = "uniform") -> torch.Tensor:
     """Training loss of one batch of rows: next-patch loss for K>1, ordinary next-token loss for K=1.
 
-    input_ids: (B, K·T) in the patch phase, (B, T) in the token phase.
+    input_ids: (B, K·T) in the patch phase, (B, T) in the token phase. weights: patch.weights.
     """
-    return next_patch_loss(patch_logits(model, input_ids, k), input_ids, k)
+    return next_patch_loss(patch_logits(model, input_ids, k), input_ids, k, bag_weights(k, weights))
 
 
 def patch_logits(model: PreTrainedModel, input_ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -124,12 +124,13 @@ def check_token_ids(input_ids: Any, vocab_size: int, where: str | Callable[[], s
 class PatchLM(torch.nn.Module):
     """Wraps the HF model so that DeepSpeed's forward computes the phase's loss; weights stay under `hf.`."""
 
-    def __init__(self, hf: torch.nn.Module) -> None:
+    def __init__(self, hf: torch.nn.Module, weights: str = "uniform") -> None:
         super().__init__()
         self.hf = hf
+        self.weights = weights  # patch.weights: how the K tokens of the next patch count in the loss
 
     def forward(self, input_ids: torch.Tensor, k: int) -> torch.Tensor:
-        return lm_loss(self.hf, input_ids, k)
+        return lm_loss(self.hf, input_ids, k, self.weights)
 
 
 def loss_sum(forward: Callable[[torch.Tensor], torch.Tensor], rows: Any, micro_batch: int,

@@ -34,13 +34,26 @@ def patch_embeddings(embeds: torch.Tensor, k: int) -> torch.Tensor:
     return embeds.view(b, n // k, k, d).mean(dim=2)  # (B, T, K, D) -> (B, T, D)
 
 
-def next_patch_loss(logits: torch.Tensor, input_ids: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean over k of the mean NLL of token (j+1)·K+k under the distribution at patch j, j = 0..T-2.
+def bag_weights(k: int, spec: str) -> torch.Tensor | None:
+    """The weights of the K tokens of the next patch in the loss (patch.weights): None for 'uniform' (the paper's
+    plain mean); 'power:α' gives w_i ∝ (i+1)^(−α), i = 0..K−1, normalised to sum to 1 (Token Superposition
+    Training's weighting inside a bag: the nearer tokens count more)."""
+    if spec == "uniform" or k == 1:
+        return None
+    w = torch.arange(1, k + 1, dtype=torch.float64) ** -float(spec.split(":", 1)[1])
+    return (w / w.sum()).float()
+
+
+def next_patch_loss(logits: torch.Tensor, input_ids: torch.Tensor, k: int,
+                    weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over k of the mean NLL of token (j+1)·K+k under the distribution at patch j, j = 0..T-2; with
+    `weights` (K of them, summing to 1; bag_weights) their weighted sum over k instead of the mean.
 
     Args:
         logits: (B, T, V), one distribution per patch.
         input_ids: (B, K·T) token ids of the same rows.
         k: patch size K.
+        weights: None (uniform, the paper's loss) or a (K,) tensor.
     """
     b, t, v = logits.shape
     _check_divisible(input_ids.shape[1], k, "input_ids")
@@ -55,7 +68,10 @@ def next_patch_loss(logits: torch.Tensor, input_ids: torch.Tensor, k: int) -> to
     # the patch step with this form: 3.84x the token step's tokens/s at K=4).
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
     targets = input_ids[:, k:].reshape(b, t - 1, k)  # (B, T-1, K): tokens (j+1)K .. (j+1)K+K-1
-    return -logp.gather(-1, targets).mean()
+    if weights is None:
+        return -logp.gather(-1, targets).mean()
+    per_k = -logp.gather(-1, targets).mean(dim=(0, 1))  # (K,): the mean NLL of each position in the bag
+    return (per_k * weights.to(per_k.device)).sum()
 
 
 # --- cost model --------------------------------------------------------------------------------------

@@ -261,7 +261,7 @@ def build_engine(cfg: Config, plan: PhasePlan, world_size: int, resume: Resume) 
     # DeepSpeed's CPU shared-memory op serves only inference_all_reduce, never training, yet its backend
     # JIT-compiles it (about 2 minutes on a fresh machine) at the first initialize: not compatible = not built.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    model = PatchLM(build_model(cfg.model, seed=cfg.seed))
+    model = PatchLM(build_model(cfg.model, seed=cfg.seed), weights=cfg.patch.weights)
     n_params = num_params(model.hf)
     stage = resume.zero_stage(zero_stage(cfg, n_params))
     grad_accum = grad_accum_steps(plan.blocks_per_step, plan.phase, world_size, cfg.optim.micro_batch_size)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raypatch.patching import budget_split, next_patch_loss, patch_embeddings, relative_cost
+from raypatch.patching import bag_weights, budget_split, next_patch_loss, patch_embeddings, relative_cost
 
 
 def hand_loss(logits: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -48,6 +48,53 @@ def test_reference_form_k_separate_nll_losses():
     labels = ids[:, k:].reshape(-1, k)
     ref = sum(F.nll_loss(logp, labels[:, i]) for i in range(k)) / k
     torch.testing.assert_close(next_patch_loss(logits, ids, k), ref, atol=1e-6, rtol=0)
+
+
+def hand_weighted(logits: torch.Tensor, ids: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
+    """Σ_k w_k · mean_{b,j} −log p_j(token (j+1)K+k), w_k = (k+1)^−α / Σ_i (i+1)^−α, one index at a time."""
+    b, t, _ = logits.shape
+    logp = torch.log_softmax(logits.double(), -1)
+    z = sum((i + 1) ** -alpha for i in range(k))
+    total = 0.0
+    for kk in range(k):
+        terms = [-logp[bb, j, ids[bb, (j + 1) * k + kk]] for bb in range(b) for j in range(t - 1)]
+        total = total + (kk + 1) ** -alpha / z * torch.stack(terms).mean()
+    return total
+
+
+@pytest.mark.parametrize("k,alpha", [(2, 1.0), (4, 0.5), (4, 2.0), (16, 1.0)])
+def test_power_weighted_bag_matches_the_definition(k, alpha):
+    torch.manual_seed(k)
+    t, v = 5, 19
+    logits = torch.randn(2, t, v)
+    ids = torch.randint(0, v, (2, t * k))
+    w = bag_weights(k, f"power:{alpha}")
+    assert float(w.sum()) == pytest.approx(1.0) and bool((w[:-1] > w[1:]).all())  # nearer tokens count more
+    torch.testing.assert_close(next_patch_loss(logits, ids, k, w).double(), hand_weighted(logits, ids, k, alpha),
+                               atol=1e-5, rtol=0)
+
+
+def test_uniform_is_the_papers_loss_bit_for_bit_and_k1_ignores_weights():
+    torch.manual_seed(3)
+    logits = torch.randn(2, 6, 29)
+    ids = torch.randint(0, 29, (2, 24))
+    assert bag_weights(4, "uniform") is None and bag_weights(4, "power:0") is not None
+    assert torch.equal(next_patch_loss(logits, ids, 4, bag_weights(4, "uniform")), next_patch_loss(logits, ids, 4))
+    torch.testing.assert_close(next_patch_loss(logits, ids, 4, bag_weights(4, "power:0")),
+                               next_patch_loss(logits, ids, 4), atol=1e-6, rtol=0)  # α=0: uniform again
+    flat = torch.randint(0, 29, (2, 6))
+    assert bag_weights(1, "power:2") is None  # K=1 is the next-token loss for any weighting
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 29), flat[:, 1:].reshape(-1))
+    torch.testing.assert_close(next_patch_loss(logits, flat, 1, bag_weights(1, "power:2")), ref, atol=1e-6, rtol=0)
+
+
+def test_patch_weights_config_is_checked():
+    from raypatch.config import PatchConfig
+
+    assert PatchConfig(weights="power:1.5").weights == "power:1.5"
+    for bad in ("power", "power:x", "power:-1", "linear:1", "power:inf"):
+        with pytest.raises(ValueError, match="patch.weights"):
+            PatchConfig(weights=bad)
 
 
 def test_patch_embeddings_is_mean_of_k_consecutive():
@@ -108,3 +155,16 @@ def test_relative_cost_and_budget():
     assert math.isclose(f.relative_cost, 0.625)
     with pytest.raises(ValueError):
         budget_split(0, 4, 0.5)
+
+
+def test_the_training_module_applies_patch_weights():
+    from raypatch import presets
+    from raypatch.model import PatchLM, build_model, patch_logits
+
+    torch.manual_seed(0)
+    hf = build_model(presets.tiny().model, seed=0)
+    ids = torch.randint(0, 512, (2, 32))
+    uniform, power = PatchLM(hf)(ids, 4), PatchLM(hf, weights="power:2")(ids, 4)
+    torch.testing.assert_close(power, next_patch_loss(patch_logits(hf, ids, 4), ids, 4, bag_weights(4, "power:2")))
+    assert not torch.equal(uniform, power)
+    assert torch.equal(PatchLM(hf, weights="power:2")(ids, 1), PatchLM(hf)(ids, 1))  # token phase: unchanged
