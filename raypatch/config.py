@@ -268,6 +268,33 @@ class PhasesConfig:
     """Carry AdamW state and LR schedule across the switch (the paper resets both: False)."""
     patch_only: bool = False
     """Stop after the patch phase (λ of the data) and skip the token phase."""
+    schedule: str = ""
+    """Phases as K:share of the data, in order, ending with K=1 (e.g. 16:0.2,4:0.4,1:0.4); '' = patch.k, patch.lam."""
+
+    def __post_init__(self) -> None:
+        if self.schedule:
+            parse_schedule(self.schedule)
+            if self.patch_only:
+                _fail("phases.patch_only", "applies to patch.k/patch.lam runs; a phases.schedule ends with K=1")
+
+
+def parse_schedule(text: str) -> list[tuple[int, float]]:
+    """'16:0.2,4:0.4,1:0.4' -> [(16, 0.2), (4, 0.4), (1, 0.4)], checked: at least two phases, shares in (0, 1]
+    summing to 1, every K >= 2 but the last, which is 1."""
+    out = []
+    for item in text.split(","):
+        k, _, share = item.strip().partition(":")
+        try:
+            out.append((int(k), float(share)))
+        except ValueError:
+            _fail("phases.schedule", f"expected K:share items separated by commas (e.g. 16:0.2,4:0.4,1:0.4), "
+                                     f"got {item.strip()!r}")
+    if len(out) < 2 or out[-1][0] != 1 or any(k < 2 for k, _ in out[:-1]):
+        _fail("phases.schedule", f"needs patch phases (K >= 2) then one token phase (K=1) last, got {text!r}")
+    if any(not 0 < x <= 1 for _, x in out) or abs(sum(x for _, x in out) - 1) > 1e-6:
+        _fail("phases.schedule", f"shares must be in (0, 1] and sum to 1, got {text!r} (sum "
+                                 f"{sum(x for _, x in out):.6g})")
+    return out
 
 
 @dataclass(kw_only=True)
@@ -410,8 +437,19 @@ class Config:
                   f"data.seq_len={t} tokens (patch.context='tokens')")
         # Every phase's optimizer step is whole rows, at least one per worker. Rows that do not split evenly
         # across the workers (an elastic resize from 8 to 5, say) keep the step exact: optim.step_split.
-        for name, block in (("patch", self.patch_block_tokens), ("token", self.data.seq_len)):
-            if name == "patch" and self.patch.lam == 0:
+        if self.phases.schedule and self.data.patch_tokens:
+            _fail("data.patch_tokens", "sets the patch phase of patch.k/patch.lam runs; phases.schedule gives "
+                                       "every phase its share")
+        blocks = [("patch", self.patch_block_tokens), ("token", self.data.seq_len)]
+        if self.phases.schedule:
+            blocks = [("patch" if k > 1 else "token", self.block_tokens(k))
+                      for k, _ in parse_schedule(self.phases.schedule)]
+            for k, _ in parse_schedule(self.phases.schedule):
+                if self.patch.context == "tokens" and (t % k or t // k < 2):
+                    _fail("phases.schedule", f"K={k} must divide data.seq_len={t} and leave 2 patches per row "
+                                             f"(patch.context='tokens')")
+        for name, block in blocks:
+            if name == "patch" and self.patch.lam == 0 and not self.phases.schedule:
                 continue
             rows, rem = divmod(self.optim.tokens_per_step, block)
             if rem:
@@ -425,7 +463,23 @@ class Config:
     @property
     def patch_block_tokens(self) -> int:
         """Tokens per patch-phase row: K·T (the paper) or T (patch.context='tokens')."""
-        return self.data.seq_len * (self.patch.k if self.patch.context == "patches" else 1)
+        return self.block_tokens(self.patch.k)
+
+    def block_tokens(self, k: int) -> int:
+        """Tokens per row of a phase of patch size k."""
+        return self.data.seq_len * (k if self.patch.context == "patches" else 1)
+
+    def schedule(self) -> list[tuple[int, float]]:
+        """The run's phases as (K, share of the data): phases.schedule, or patch.k and patch.lam."""
+        if self.phases.schedule:
+            return parse_schedule(self.phases.schedule)
+        return [(self.patch.k, self.patch.lam), (1, 1 - self.patch.lam)] if self.patch.lam > 0 else [(1, 1.0)]
+
+    def run_label(self) -> str:
+        """How tables name this run: 'patch K=4 λ=0.667', 'schedule 16:0.2,4:0.4,1:0.4' or 'token-only'."""
+        if self.phases.schedule:
+            return f"schedule {self.phases.schedule}"
+        return f"patch K={self.patch.k} λ={self.patch.lam:.3g}" if self.patch.lam > 0 else "token-only"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -217,9 +217,39 @@ def plan_phases(*, stream_tokens: int, seq_len: int, k: int, lam: float, tokens_
     return plans
 
 
+def plan_schedule(*, stream_tokens: int, schedule: list[tuple[int, float]], tokens_per_step: int,
+                  block_tokens: Any, max_tokens: int = 0, epochs: int = 1,
+                  source: str = "the corpus") -> list[PhasePlan]:
+    """Split the first D tokens of the stream into contiguous, disjoint phases, one per (K, share) of
+    `schedule` in order (phases.schedule): phase i reads stream tokens [⌊c_{i-1}·D⌋, ⌊c_i·D⌋), c_i the running sum
+    of the shares, the last phase up to D. Every phase has the same tokens per optimizer step; block_tokens(K)
+    gives its row length."""
+    available = stream_tokens * epochs
+    d = max_tokens or available
+    if d > available:
+        more = f"; set data.epochs >= {-(-d // stream_tokens)} to repeat it" if epochs == 1 else ""
+        raise InputError(f"data.max_tokens={d:,} exceeds the {available:,} train tokens in {source}{more}")
+    plans, start, cum = [], 0, 0.0
+    for i, (k, share) in enumerate(schedule):
+        cum += share
+        end = d if i == len(schedule) - 1 else math.floor(cum * d + 1e-6)
+        bt = block_tokens(k)
+        plans.append(PhasePlan("patch" if k > 1 else "token", k, bt, start, end - start, tokens_per_step // bt))
+        start = end
+    for i, p in enumerate(plans):
+        if p.num_steps == 0:
+            raise InputError(f"{source} is too small: phase {i + 1} (K={p.k}) gets {p.token_budget:,} tokens, "
+                             f"less than one optimizer step of {tokens_per_step:,} (optim.tokens_per_step)")
+    return plans
+
+
 def plan_from_config(cfg: Any, stream_tokens: int) -> list[PhasePlan]:
-    """plan_phases for a raypatch Config."""
+    """plan_phases (patch.k, patch.lam) or plan_schedule (phases.schedule) for a raypatch Config."""
     d = cfg.data
+    if cfg.phases.schedule:
+        return plan_schedule(stream_tokens=stream_tokens, schedule=cfg.schedule(),
+                             tokens_per_step=cfg.optim.tokens_per_step, block_tokens=cfg.block_tokens,
+                             max_tokens=d.max_tokens, epochs=d.epochs, source=f"data.shards={d.shards}")
     return plan_phases(stream_tokens=stream_tokens, seq_len=d.seq_len, k=cfg.patch.k, lam=cfg.patch.lam,
                        tokens_per_step=cfg.optim.tokens_per_step, max_tokens=d.max_tokens,
                        patch_tokens=d.patch_tokens, patch_block_tokens=cfg.patch_block_tokens,

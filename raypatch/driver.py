@@ -76,10 +76,11 @@ def default_data(cfg: Config, *, prepare_now: bool = True) -> Config:
 def planned_runs(cfg: Config) -> list[tuple[str, Config]]:
     """`raypatch train`'s runs: with compare_baseline, the token-only run on the same data first."""
     runs = []
-    if cfg.compare_baseline and cfg.patch.lam > 0:
-        base = replace(cfg, patch={"lam": 0.0}, checkpoint={"name": f"{cfg.checkpoint.name}-token-only"})
+    if cfg.compare_baseline and (cfg.patch.lam > 0 or cfg.phases.schedule):
+        base = replace(cfg, patch={"lam": 0.0}, phases={"schedule": ""},
+                       checkpoint={"name": f"{cfg.checkpoint.name}-token-only"})
         runs.append(("token-only", base))
-    runs.append((f"patch K={cfg.patch.k} λ={cfg.patch.lam:.3g}", cfg))
+    runs.append((cfg.run_label() if cfg.phases.schedule else f"patch K={cfg.patch.k} λ={cfg.patch.lam:.3g}", cfg))
     return runs
 
 
@@ -378,7 +379,10 @@ def summarize(cfg: Config, summary: dict[str, Any]) -> dict[str, Any]:
     final = summary.get("final", {})
     patch, token = st.tokens["patch"], st.tokens["token"]
     lam_trained = patch / max(1, patch + token)
-    return {"relative_cost": relative_cost(cfg.patch.k if patch else 1, lam_trained),
+    # A schedule's cost is its positions per token (Σ share/K); two phases keep the paper's λ/K + 1 − λ.
+    cost = (sum(st.positions.values()) / max(1, patch + token) if cfg.phases.schedule
+            else relative_cost(cfg.patch.k if patch else 1, lam_trained))
+    return {"relative_cost": cost,
             "val_ppl": final.get("val/ppl"), "wikitext_ppl": final.get("wikitext/ppl")}
 
 
@@ -402,7 +406,9 @@ def comparison_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
             f"device-h" + (f", {sv['savings/cost']:,.2f}" if "savings/cost" in sv else ""))
         wall = f"{st.seconds['patch']:.1f} + {st.seconds['token']:.1f}"
         fmt = lambda v: f"{v:.2f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
-        out.append(f"| {name} | {cfg['patch']['k'] if tp else 1} | {tp / (tp + tt):.3f} | {tp:,} + {tt:,} | {pos:,} "
+        ks = "→".join(k.split(":")[0] for k in sched.split(",")) if (sched := cfg.get("phases", {}).get("schedule")) \
+            else cfg['patch']['k'] if tp else 1
+        out.append(f"| {name} | {ks} | {tp / (tp + tt):.3f} | {tp:,} + {tt:,} | {pos:,} "
                    f"| {st.flops:.3g} | {s['relative_cost']:.3f} | {saved} | {wall} | {fmt(s['val_ppl'])} "
                    f"| {fmt(s['wikitext_ppl'])} |")
     return "\n".join(out)

@@ -182,7 +182,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             state.advance(plan.phase, plan.k, tps, flops_per_pos * tps / plan.k, time.perf_counter() - step_t,
                           plan.blocks_per_step)
             window.tokens += tps
-            after_step(run_dir, record=cfg.data.record_blocks, phase=plan.phase, step=step,
+            # A schedule's patch phases share the name 'patch': the record tells them apart by their number.
+            after_step(run_dir, record=cfg.data.record_blocks,
+                       phase=f"{plan.phase}{phase_index + 1}" if cfg.phases.schedule else plan.phase, step=step,
                        global_step=state.global_step, rank=w.rank, world_size=w.world_size, attempt=attempt,
                        blocks=blocks)
 
@@ -296,7 +298,8 @@ def begin_phase(engine: Any, cfg: Config, plan: PhasePlan, state: TrainState, ph
     if note:
         w.say(note)
     if at_switch:
-        w.say(f"=== switch at step {state.global_step}: patch phase done, token phase starts "
+        starts = "token phase starts" if plan.k == 1 else f"patch phase K={plan.k} starts"
+        w.say(f"=== switch at step {state.global_step}: patch phase done, {starts} "
               f"({'kept optimizer' if cfg.phases.keep_optimizer else 'fresh optimizer, LR warmup restarts'})")
     return step_split(plan.blocks_per_step, w.world_size, mb, w.rank)
 

@@ -140,6 +140,9 @@ def trial_config(base: Config, params: dict[str, Any], budget: float, *, corpus_
                  flops_per_pos: float | None = None, multi_epoch: bool = False, name: str = "") -> Config:
     """The base config with a trial's parameters, its data budget and its run name."""
     cfg = apply_overrides(base, [f"{k}={v}" for k, v in params.items()])
+    if cfg.phases.schedule:  # budget_split knows two phases; a schedule's equal-compute split is not written yet
+        raise ValueError("phases.schedule: raypatch tune searches patch.k and patch.lam (two phases) only, "
+                         "not yet schedules; train a schedule with `raypatch train`")
     if cfg.patch.k == 1:
         cfg = replace(cfg, patch={"lam": 0.0})
     b = trial_budget(cfg, budget, corpus_tokens=corpus_tokens, flops_per_pos=flops_per_pos, multi_epoch=multi_epoch)

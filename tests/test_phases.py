@@ -1,0 +1,111 @@
+"""Phase schedules (phases.schedule, e.g. 16:0.2,4:0.4,1:0.4): the plan, the config checks, and a three-phase
+run on the real stack, killed in its second patch phase and resumed exactly.
+
+Run: pytest tests/test_phases.py   (about 2 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raypatch import presets
+from raypatch.config import apply_overrides
+from raypatch.data import plan_from_config, plan_phases, plan_schedule
+
+from .helpers import blocks_by_step, step_losses
+
+
+def test_a_schedule_splits_the_data_into_contiguous_disjoint_phases_at_constant_tokens_per_step():
+    plans = plan_schedule(stream_tokens=100_000, schedule=[(16, 0.2), (4, 0.4), (1, 0.4)], tokens_per_step=4096,
+                          block_tokens=lambda k: 64 * k, max_tokens=81_920)
+    assert [(p.phase, p.k, p.block_tokens) for p in plans] == [("patch", 16, 1024), ("patch", 4, 256),
+                                                               ("token", 1, 64)]
+    assert [p.start for p in plans] == [0, 16_384, 49_152] and [p.token_budget for p in plans] == [16_384,
+                                                                                                 32_768, 32_768]
+    assert all(p.blocks_per_step * p.block_tokens == 4096 for p in plans)  # the same tokens per step
+    assert [p.num_steps for p in plans] == [4, 8, 8]
+
+
+def test_a_two_phase_schedule_is_the_patch_k_lam_plan():
+    two = plan_schedule(stream_tokens=50_000, schedule=[(2, 0.5), (1, 0.5)], tokens_per_step=256,
+                        block_tokens=lambda k: 32 * k, max_tokens=8192)
+    assert two == plan_phases(stream_tokens=50_000, seq_len=32, k=2, lam=0.5, tokens_per_step=256, max_tokens=8192)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("4:0.5", "then one token phase"), ("4:0.5,2:0.5", "then one token phase"), ("1:0.5,4:0.5", "then one token"),
+    ("4:0.5,1:0.4", "sum to 1"), ("4:0,1:1", "sum to 1"), ("4-0.5,1:0.5", "K:share items"), ("x:0.5,1:0.5", "K:share"),
+])
+def test_bad_schedules_are_refused_naming_the_field(bad, match):
+    with pytest.raises(ValueError, match=f"phases.schedule.*{match}"):
+        apply_overrides(presets.tiny(), [f"phases.schedule={bad}"])
+
+
+def test_every_phase_needs_whole_rows_per_step_for_every_worker():
+    # tiny: T=32, 256 tokens per step, 2 workers: K=16 makes rows of 512 tokens, not a whole number per step.
+    with pytest.raises(ValueError, match="optim.tokens_per_step"):
+        apply_overrides(presets.tiny(), ["phases.schedule=16:0.5,1:0.5"])
+    cfg = apply_overrides(presets.tiny(), ["phases.schedule=4:0.25,2:0.25,1:0.5"])
+    assert cfg.schedule() == [(4, 0.25), (2, 0.25), (1, 0.5)] and cfg.run_label() == "schedule 4:0.25,2:0.25,1:0.5"
+    assert apply_overrides(presets.tiny(), []).schedule() == [(2, 0.5), (1, 0.5)]
+
+
+@pytest.fixture(scope="module")
+def three_phases(shards, ray_local, tmp_path_factory):
+    """A fault-free run of 4:0.25,2:0.25,1:0.5 on 8,192 tokens: 8 steps at K=4, 8 at K=2, 16 at K=1."""
+    from raypatch.driver import fit
+
+    from .test_train import tiny
+
+    cfg = tiny(shards, tmp_path_factory.mktemp("runs"), "three", "phases.schedule=4:0.25,2:0.25,1:0.5",
+               "eval.wikitext=")
+    return cfg, fit(cfg)
+
+
+def test_three_phases_switch_twice_with_fresh_warmups_and_count_their_cost(three_phases, shards):
+    from raypatch.shards import load_manifest
+
+    cfg, s = three_phases
+    plans = plan_from_config(cfg, load_manifest(shards)["splits"]["train"]["tokens"])
+    assert [p.num_steps for p in plans] == [8, 8, 16]
+    rows = [json.loads(x) for x in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "train/loss" in r and not r.get("event")]
+    assert [r["patch/k"] for r in train] == [4] * 8 + [2] * 8 + [1] * 16
+    assert sum(1 for r in rows if r.get("event") == "switch") == 2
+    lr = {r["step"]: r["train/lr"] for r in train}
+    assert lr[1] == lr[9] == lr[17] and lr[1] < lr[2]  # each phase warms up from the start again
+    st = s["state"]
+    assert st["tokens"] == {"patch": 4096, "token": 4096}
+    assert st["positions"] == {"patch": 2048 // 4 + 2048 // 2, "token": 4096}
+    assert s["relative_cost"] == pytest.approx(0.25 / 4 + 0.25 / 2 + 0.5)
+    # Each phase trains each of its blocks once, step by step in order (blocks are counted from the phase's own
+    # start in the stream, which plan_schedule makes contiguous and disjoint).
+    blocks = blocks_by_step(Path(s["run_dir"]))
+    for plan, name in zip(plans, ("patch1", "patch2", "token3")):
+        steps = [blocks[f"{name}:{i}"] for i in range(plan.num_steps)]
+        assert sum(steps, []) == list(range(plan.num_steps * plan.blocks_per_step)), name
+
+
+def test_a_kill_in_the_second_patch_phase_resumes_exactly(three_phases, shards, tmp_path, monkeypatch):
+    from raypatch.driver import fit
+
+    from .test_train import tiny
+
+    _, ref = three_phases
+    cfg = tiny(shards, tmp_path, "killed", "phases.schedule=4:0.25,2:0.25,1:0.5", "eval.wikitext=",
+               "checkpoint.max_failures=0")
+    monkeypatch.setenv("RAYPATCH_KILL_AT_STEPS", "14")  # after the checkpoint at step 12, inside K=2
+    monkeypatch.setenv("RAYPATCH_KILL_RANK", "1")
+    with pytest.raises(Exception):  # noqa: B017 - Ray's worker-death error type varies by version
+        fit(cfg)
+    monkeypatch.delenv("RAYPATCH_KILL_AT_STEPS")
+    summary = fit(cfg)
+    run, ref_run = Path(summary["run_dir"]), Path(ref["run_dir"])
+    assert blocks_by_step(run) == blocks_by_step(ref_run)
+    a, b = step_losses(run), step_losses(ref_run)
+    assert a.keys() == b.keys()
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-4, abs=1e-5), step
