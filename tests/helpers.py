@@ -84,3 +84,18 @@ def styled_tokenizer(base_dir: str, out_dir: Path, style: str) -> str:
         cfg.pop("add_bos_token", None)
         f.write_text(json.dumps({**cfg, "tokenizer_class": "LlamaTokenizer"}))
     return str(out_dir)
+
+
+def killed_then_resumed(cfg, monkeypatch, at_step: int, rank: int = 1) -> dict:
+    """Train `cfg` (checkpoint.max_failures=0) with worker `rank` killed after global step `at_step`: the run
+    fails; the same config trained again resumes from its last checkpoint. Returns the resumed run's summary."""
+    import pytest
+
+    from raypatch.driver import fit
+
+    monkeypatch.setenv("RAYPATCH_KILL_AT_STEPS", str(at_step))
+    monkeypatch.setenv("RAYPATCH_KILL_RANK", str(rank))
+    with pytest.raises(Exception):  # noqa: B017 - Ray's worker-death error type varies by version
+        fit(cfg)
+    monkeypatch.delenv("RAYPATCH_KILL_AT_STEPS")
+    return fit(cfg)

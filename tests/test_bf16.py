@@ -25,7 +25,7 @@ from raypatch import presets
 from raypatch.config import Config, apply_overrides
 from raypatch.data import TokenStream, val_rows
 
-from .helpers import blocks_by_step, step_losses
+from .helpers import blocks_by_step, killed_then_resumed, step_losses
 
 pytestmark = pytest.mark.slow
 
@@ -113,16 +113,9 @@ def test_bf16_stopped_run_resumes_exactly(bf16, shards, ray_local, runs_dir, mon
     uninterrupted run, and on CPU with 2 ranks every kernel and the gloo sum are deterministic (measured: a
     difference of 0.0 on every step). Run here at ZeRO-2 only, to keep the file's time down: the same test at
     ZeRO-1 and ZeRO-3 (parametrize with [1, 3]) also passed, exactly, once (2 passed in 260 s)."""
-    from raypatch.driver import fit
-
     ref = bf16(stage)
     cfg = bf16_cfg(shards, runs_dir, f"bf16-z{stage}-stopped", stage, "checkpoint.max_failures=0")
-    monkeypatch.setenv("RAYPATCH_KILL_AT_STEPS", "10")
-    monkeypatch.setenv("RAYPATCH_KILL_RANK", "1")
-    with pytest.raises(Exception):  # noqa: B017 - Ray's worker-death error type varies by version
-        fit(cfg)
-    monkeypatch.delenv("RAYPATCH_KILL_AT_STEPS")
-    summary = fit(cfg)
+    summary = killed_then_resumed(cfg, monkeypatch, 10)
     run, ref_run = Path(summary["run_dir"]), Path(ref["run_dir"])
     assert summary["state"]["global_step"] == 16
     assert blocks_by_step(run) == blocks_by_step(ref_run)

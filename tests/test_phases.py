@@ -15,7 +15,7 @@ from raypatch import presets
 from raypatch.config import apply_overrides
 from raypatch.data import plan_from_config, plan_phases, plan_schedule
 
-from .helpers import blocks_by_step, step_losses
+from .helpers import blocks_by_step, killed_then_resumed, step_losses
 
 
 def test_a_schedule_splits_the_data_into_contiguous_disjoint_phases_at_constant_tokens_per_step():
@@ -90,19 +90,12 @@ def test_three_phases_switch_twice_with_fresh_warmups_and_count_their_cost(three
 
 
 def test_a_kill_in_the_second_patch_phase_resumes_exactly(three_phases, shards, tmp_path, monkeypatch):
-    from raypatch.driver import fit
-
     from .test_train import tiny
 
     _, ref = three_phases
     cfg = tiny(shards, tmp_path, "killed", "phases.schedule=4:0.25,2:0.25,1:0.5", "eval.wikitext=",
                "checkpoint.max_failures=0")
-    monkeypatch.setenv("RAYPATCH_KILL_AT_STEPS", "14")  # after the checkpoint at step 12, inside K=2
-    monkeypatch.setenv("RAYPATCH_KILL_RANK", "1")
-    with pytest.raises(Exception):  # noqa: B017 - Ray's worker-death error type varies by version
-        fit(cfg)
-    monkeypatch.delenv("RAYPATCH_KILL_AT_STEPS")
-    summary = fit(cfg)
+    summary = killed_then_resumed(cfg, monkeypatch, 14)  # after the checkpoint at step 12, inside K=2
     run, ref_run = Path(summary["run_dir"]), Path(ref["run_dir"])
     assert blocks_by_step(run) == blocks_by_step(ref_run)
     a, b = step_losses(run), step_losses(ref_run)
