@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raypatch import storage
+from raypatch.patching import schedule_ends
 from raypatch.safety import InputError
 from raypatch.shards import check_shard_footer, load_manifest, shards_id, tokens_hash
 
@@ -221,18 +222,16 @@ def plan_schedule(*, stream_tokens: int, schedule: list[tuple[int, float]], toke
                   block_tokens: Any, max_tokens: int = 0, epochs: int = 1,
                   source: str = "the corpus") -> list[PhasePlan]:
     """Split the first D tokens of the stream into contiguous, disjoint phases, one per (K, share) of
-    `schedule` in order (phases.schedule): phase i reads stream tokens [⌊c_{i-1}·D⌋, ⌊c_i·D⌋), c_i the running sum
-    of the shares, the last phase up to D. Every phase has the same tokens per optimizer step; block_tokens(K)
-    gives its row length."""
+    `schedule` in order (phases.schedule): phase i reads stream tokens [c_{i-1}·D, c_i·D), c_i the running sum
+    of the shares, rounded to a token (patching.schedule_ends), the last phase up to D. Every phase has the same
+    tokens per optimizer step; block_tokens(K) gives its row length."""
     available = stream_tokens * epochs
     d = max_tokens or available
     if d > available:
         more = f"; set data.epochs >= {-(-d // stream_tokens)} to repeat it" if epochs == 1 else ""
         raise InputError(f"data.max_tokens={d:,} exceeds the {available:,} train tokens in {source}{more}")
-    plans, start, cum = [], 0, 0.0
-    for i, (k, share) in enumerate(schedule):
-        cum += share
-        end = d if i == len(schedule) - 1 else math.floor(cum * d + 1e-6)
+    plans, start = [], 0
+    for (k, _), end in zip(schedule, schedule_ends(schedule, d)):
         bt = block_tokens(k)
         plans.append(PhasePlan("patch" if k > 1 else "token", k, bt, start, end - start, tokens_per_step // bt))
         start = end

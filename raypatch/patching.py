@@ -156,3 +156,39 @@ def budget_split(budget: float, k: int, lam: float, *, tokens_per_step: int = 1,
                          f"and {n_token} token steps of {tps:,} tokens; both phases need at least one")
     return PhaseBudget(k=k, lam_requested=lam, data_tokens=(n_patch + n_token) * tps, patch_tokens=n_patch * tps,
                        token_tokens=n_token * tps)
+
+
+def schedule_ends(schedule: list[tuple[int, float]], d: int) -> list[int]:
+    """Where each phase of a schedule ends in the first D tokens: c_i·D rounded to a token, for the running sum
+    c_i of the shares, the last phase at D. Rounding (not flooring) keeps float noise in the shares that
+    schedule_split made exact from moving a boundary off its step."""
+    ends, cum = [], 0.0
+    for _, share in schedule[:-1]:
+        cum += share
+        ends.append(round(cum * d))
+    return [*ends, d]
+
+
+def schedule_split(budget: float, schedule: list[tuple[int, float]], *, tokens_per_step: int,
+                   flops_per_pos: float | None = None) -> tuple[str, int, list[int]]:
+    """budget_split for a phase schedule: whole optimizer steps per phase that spend the budget.
+
+    D = C / Σ share/K; every phase but the last (K=1) takes round(share·D) tokens in whole steps, the token phase
+    whole steps of what compute is left (less than one of its steps unspent). Returns the schedule with the
+    shares those steps make (exact: plan_schedule splits D at step boundaries), D, and each phase's tokens."""
+    positions = budget / flops_per_pos if flops_per_pos else budget
+    tps = tokens_per_step
+    d = positions / sum(share / k for k, share in schedule)
+    steps = [round(share * d / tps) for _, share in schedule[:-1]]
+    steps.append(math.floor((positions - sum(n * tps / k for n, (k, _) in zip(steps, schedule))) / tps + 1e-9))
+    if min(steps) < 1:
+        raise ValueError(f"compute budget {budget:g} is too small for the schedule "
+                         f"{','.join(f'{k}:{x:g}' for k, x in schedule)}: it affords {steps} steps of {tps:,} "
+                         f"tokens per phase; every phase needs at least one")
+    total = sum(steps)
+    exact = ",".join(f"{k}:{n / total!r}" for (k, _), n in zip(schedule, steps))
+    tokens = [n * tps for n in steps]
+    parsed = [(int(k), float(x)) for k, x in (item.split(":") for item in exact.split(","))]
+    if schedule_ends(parsed, total * tps) != [sum(tokens[: i + 1]) for i in range(len(tokens))]:
+        raise ValueError(f"schedule {exact}: its phase boundaries do not fall on whole steps")  # a bug, not input
+    return exact, total * tps, tokens

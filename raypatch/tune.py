@@ -37,7 +37,7 @@ from typing import Any
 
 from raypatch.checkpoint import TrainState
 from raypatch.config import Config, apply_overrides, replace, set_dotted, to_yaml
-from raypatch.patching import PhaseBudget, budget_split
+from raypatch.patching import PhaseBudget, budget_split, schedule_split
 from raypatch.safety import InputError, find_input_error
 
 # --- the search space ------------------------------------------------------------------------------
@@ -49,6 +49,10 @@ SPACES = {
     "lam": ["patch.k=4", "patch.lam=0.25,0.5,0.667,0.75,0.875"],
     "k": ["patch.k=1,2,4,8,16", "patch.lam=0.5"],
     "k-lam-lr": ["patch.k=2,4,8", "patch.lam=uniform:0.3:0.9", "optim.lr=loguniform:1e-4:3e-3"],
+    # Beyond one switch: two phases against coarse-to-fine schedules, each with the paper's loss and a power
+    # weighting inside the bag (schedules are separated by '|': their own items use commas).
+    "schedules": ["phases.schedule=4:0.667,1:0.333|16:0.2,4:0.4,1:0.4|8:0.333,4:0.333,1:0.334",
+                  "patch.weights=uniform,power:1"],
 }
 
 
@@ -65,8 +69,8 @@ def parse_space(items: list[str]) -> dict[str, list[Any] | tuple[str, float, flo
         if spec.startswith(("uniform:", "loguniform:")):
             kind, a, b = spec.split(":")
             space[key] = (kind, float(a), float(b))
-        else:
-            space[key] = [v for v in spec.split(",") if v]
+        else:  # a schedule's own items use commas: schedules are separated by '|'
+            space[key] = [v for v in spec.split("|" if key == "phases.schedule" else ",") if v]
         set_dotted(Config().to_dict(), key, None)  # an unknown key fails here, naming it
     return space
 
@@ -140,9 +144,19 @@ def trial_config(base: Config, params: dict[str, Any], budget: float, *, corpus_
                  flops_per_pos: float | None = None, multi_epoch: bool = False, name: str = "") -> Config:
     """The base config with a trial's parameters, its data budget and its run name."""
     cfg = apply_overrides(base, [f"{k}={v}" for k, v in params.items()])
-    if cfg.phases.schedule:  # budget_split knows two phases; a schedule's equal-compute split is not written yet
-        raise ValueError("phases.schedule: raypatch tune searches patch.k and patch.lam (two phases) only, "
-                         "not yet schedules; train a schedule with `raypatch train`")
+    if cfg.phases.schedule:  # every phase in whole steps that spend the budget (patching.schedule_split)
+        try:
+            exact, d, _ = schedule_split(budget, cfg.schedule(), tokens_per_step=cfg.optim.tokens_per_step,
+                                         flops_per_pos=flops_per_pos)
+        except ValueError as e:
+            raise ValueError(f"--budget: {e}") from None
+        epochs = max(1, -(-d // corpus_tokens))
+        if epochs > 1 and not multi_epoch:
+            raise ValueError(f"the schedule {cfg.phases.schedule} needs D={d:,} tokens for this budget but the "
+                             f"corpus holds {corpus_tokens:,}; pass --multi-epoch to repeat it ({epochs} epochs)")
+        cfg = replace(cfg, phases={"schedule": exact}, compare_baseline=False,
+                      data={"max_tokens": d, "patch_tokens": 0, "epochs": epochs})
+        return replace(cfg, checkpoint={"name": name}) if name else cfg
     if cfg.patch.k == 1:
         cfg = replace(cfg, patch={"lam": 0.0})
     b = trial_budget(cfg, budget, corpus_tokens=corpus_tokens, flops_per_pos=flops_per_pos, multi_epoch=multi_epoch)
@@ -288,6 +302,8 @@ def trial_row(name: str, info: dict[str, Any]) -> dict[str, Any]:
     tok, final = st.tokens, info["final"]
     return {"trial": name, **{f"param:{k}": v for k, v in (info.get("params") or {}).items()},
             "K": cfg.get("patch", {}).get("k"), "lam": round(cfg.get("patch", {}).get("lam", 0.0), 4),
+            "schedule": (cfg.get("phases") or {}).get("schedule", ""),
+            "weights": cfg.get("patch", {}).get("weights", "uniform"),
             "D": tok.get("patch", 0) + tok.get("token", 0), "patch_tokens": tok.get("patch"),
             "token_tokens": tok.get("token"), "positions": sum(st.positions.values()), "flops": st.flops,
             "val_loss": final.get("val/loss"), "val_ppl": final.get("val/ppl"),
@@ -446,6 +462,10 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: str | Path, *, budget: fl
     out.mkdir(parents=True, exist_ok=True)
     cols = ["trial", "K", "lam", "D", "patch_tokens", "token_tokens", "positions", "flops", "val_loss", "val_ppl",
             "wikitext_ppl", "wall_s"]
+    if any(r.get("schedule") for r in ok):  # a search over schedules: each row's phases and weighting
+        cols = ["trial", "schedule", "weights", *cols[3:]]
+    elif any(r.get("weights", "uniform") != "uniform" for r in ok):
+        cols = [*cols[:3], "weights", *cols[3:]]
     if any("rung" in r for r in rows):
         cols = ["rung", "budget", *cols]
     buf = io.StringIO()
@@ -460,7 +480,9 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: str | Path, *, budget: fl
         if r.get("val_loss") is None:
             md.append(f"\nfailed: {r.get('trial')}: {r.get('error')}")
     best = min(ok, key=lambda r: r["val_loss"])
-    md += ["", f"Winner: {best['trial']} (K={best.get('K')}, λ={_fmt(best.get('lam'))}), final val loss "
+    what = (f"schedule {best['schedule']}, weights {best.get('weights')}" if best.get("schedule")
+            else f"K={best.get('K')}, λ={_fmt(best.get('lam'))}")
+    md += ["", f"Winner: {best['trial']} ({what}), final val loss "
                f"{best['val_loss']:.4f}." + (f" {note}" if note else "")]
     cfg = replace(Config.from_dict(best["config"]), checkpoint={"name": f"best-of-{out.name}"})
     head = f"# best trial {best['trial']}: final val loss {best['val_loss']:.4f}; run it with raypatch train\n"
@@ -492,19 +514,23 @@ def heatmap(rows: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    # Columns are the requested λ: the trained λ differs slightly per K after rounding to whole steps.
+    # Columns are the requested λ: the trained λ differs slightly per K after rounding to whole steps. A search
+    # over schedules has the requested schedules as rows and the weightings as columns instead.
+    sched = any(r.get("schedule") for r in rows)
     lam_of = lambda r: round(float(r.get("param:patch.lam", r["lam"])), 4) if r["K"] > 1 else 0.0  # noqa: E731
-    ks = sorted({r["K"] for r in rows})
-    lams = sorted({lam_of(r) for r in rows})
+    row_of = (lambda r: r.get("param:phases.schedule", r["schedule"])) if sched else (lambda r: r["K"])  # noqa: E731
+    col_of = (lambda r: r.get("weights", "uniform")) if sched else lam_of  # noqa: E731
+    ks = sorted({row_of(r) for r in rows}, key=str)
+    lams = sorted({col_of(r) for r in rows}, key=str)
     grid = np.full((len(ks), len(lams)), np.nan)
     for r in rows:  # the last rung wins where successive halving ran a point more than once
-        grid[ks.index(r["K"]), lams.index(lam_of(r))] = r["val_loss"]
+        grid[ks.index(row_of(r)), lams.index(col_of(r))] = r["val_loss"]
     fig, ax = plt.subplots(figsize=(1.2 * len(lams) + 2.5, 0.8 * len(ks) + 2))
     im = ax.imshow(grid, cmap="viridis_r", aspect="auto")
-    ax.set_xticks(range(len(lams)), [f"{x:.3g}" for x in lams])
+    ax.set_xticks(range(len(lams)), [str(x) if sched else f"{x:.3g}" for x in lams])
     ax.set_yticks(range(len(ks)), [str(k) for k in ks])
-    ax.set_xlabel("λ requested (patch share of the data)")
-    ax.set_ylabel("K (patch size)")
+    ax.set_xlabel("patch.weights" if sched else "λ requested (patch share of the data)")
+    ax.set_ylabel("phases.schedule (K:share)" if sched else "K (patch size)")
     for i, j in itertools.product(range(len(ks)), range(len(lams))):
         if not np.isnan(grid[i, j]):
             ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="w", fontsize=8)
@@ -523,7 +549,7 @@ def plan_table(budget: float, corpus_tokens: int, *, ks: list[int], lams: list[f
                results: list[dict[str, Any]] | None = None) -> str:
     """(K, λ, D) options for a compute budget: exactly what `raypatch tune` would train (budget_split), with
     measured losses when given."""
-    measured = {(int(r["K"]), round(float(r["lam"]), 2)): r for r in (results or [])}
+    measured = {(int(r["K"]), round(float(r["lam"]), 2)): r for r in (results or []) if not r.get("schedule")}
     lines = ["| K | λ requested | λ trained | relative cost | D (tokens) | patch tokens | token tokens "
              "| epochs of the corpus | fits |" + (" val loss |" if results else ""),
              "|---|---|---|---|---|---|---|---|---|" + ("---|" if results else "")]

@@ -102,3 +102,47 @@ def test_a_kill_in_the_second_patch_phase_resumes_exactly(three_phases, shards, 
     assert a.keys() == b.keys()
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-4, abs=1e-5), step
+
+
+def test_a_schedule_trial_spends_the_budget_in_whole_steps_of_every_phase():
+    from raypatch.patching import schedule_ends, schedule_split
+    from raypatch.tune import parse_space, trial_config
+
+    space = parse_space(["phases.schedule=4:0.667,1:0.333|16:0.2,4:0.4,1:0.4", "patch.weights=uniform,power:1"])
+    assert space["phases.schedule"] == ["4:0.667,1:0.333", "16:0.2,4:0.4,1:0.4"]
+    for budget in (8192, 20_000, 1e6):
+        exact, d, tokens = schedule_split(budget, [(16, 0.2), (4, 0.4), (1, 0.4)], tokens_per_step=1024)
+        assert all(t % 1024 == 0 and t > 0 for t in tokens) and sum(tokens) == d
+        positions = tokens[0] / 16 + tokens[1] / 4 + tokens[2]
+        assert budget - 1024 < positions <= budget  # equal compute, within one token step
+        assert schedule_ends([(int(k), float(x)) for k, x in (i.split(":") for i in exact.split(","))], d) == \
+            [tokens[0], tokens[0] + tokens[1], d]  # the plan's boundaries are the step boundaries
+    base = apply_overrides(presets.tiny(), ["optim.tokens_per_step=1024"])
+    cfg = trial_config(base, {"phases.schedule": "16:0.2,4:0.4,1:0.4", "patch.weights": "power:1"}, 1e6,
+                       corpus_tokens=10**7)
+    assert cfg.data.max_tokens == d and cfg.patch.weights == "power:1" and not cfg.compare_baseline
+    plans = plan_from_config(cfg, 10**7)
+    assert [p.token_budget for p in plans] == tokens and all(p.tail_tokens == 0 for p in plans)
+    with pytest.raises(ValueError, match="too small for the schedule"):
+        trial_config(base, {"phases.schedule": "16:0.2,4:0.4,1:0.4"}, 1200, corpus_tokens=10**7)
+
+
+@pytest.mark.ray
+def test_tune_searches_schedules_and_weights_at_equal_compute(shards, ray_local, tmp_path):
+    from raypatch.tune import parse_space, run_search, write_outputs
+
+    from .test_tune import BUDGET, base
+
+    space = parse_space(["phases.schedule=2:0.5,1:0.5|4:0.25,2:0.25,1:0.5", "patch.weights=uniform,power:1"])
+    rows = run_search(base(shards, tmp_path), budget=BUDGET, space=space, name="sched", storage=str(tmp_path),
+                      concurrency=2)
+    ok = [r for r in rows if r.get("val_loss") is not None]
+    assert len(ok) == 4, rows
+    assert {(r["param:phases.schedule"], r["weights"]) for r in ok} == {
+        (s, w) for s in ("2:0.5,1:0.5", "4:0.25,2:0.25,1:0.5") for w in ("uniform", "power:1")}
+    for r in ok:
+        assert BUDGET - 512 < r["positions"] <= BUDGET, r
+    paths = write_outputs(rows, tmp_path / "sched", budget=BUDGET, wall_s=1.0)
+    md = paths["md"].read_text()
+    assert "| trial | schedule | weights |" in md and "Winner: trial-" in md and "(schedule " in md
+    assert paths["heatmap"].stat().st_size > 0
