@@ -68,7 +68,7 @@ def transfer_note_for(cfg: Any, positions: float, ladders: list[str]) -> str | N
 
     rungs, counted = read_ladders(ladders) if ladders else ([], "total")
     params = count_params(cfg.model, exclude_embeddings=counted == "non_embedding")
-    return transfer_note(positions / params, rungs, source=", ".join(Path(p).name for p in ladders))
+    return transfer_note(positions / params, rungs, source=", ".join(Path(p).name for p in ladders), params=params)
 
 
 def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:

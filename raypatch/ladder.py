@@ -40,58 +40,132 @@ def tpp(x: float) -> str:
     return f"{x:,.0f}" if x >= 10 else f"{x:.2g}"
 
 
+def times(v: float) -> str:
+    """A ratio to 3 significant digits as people write it: ×2.5, ×10, ×2,410."""
+    return f"×{float(f'{v:.3g}'):,.0f}" if v >= 100 else f"×{v:.3g}"
+
+
 def t95(dof: int) -> float:
     return next((T95[d] for d in sorted(T95) if d >= dof), 1.96)
 
 
 @dataclass
 class LadderFit:
-    """Δ = a + b·log10(tokens/parameter), fitted on one (K, λ, setting)."""
+    """Δ = a + b·log10(tokens/parameter) [+ c·log10(parameters)], fitted on one (K, λ, setting).
+
+    With rungs of two or more model sizes the size term is fitted too (the same slope in data at every size,
+    shifted by size: the fewest parameters a handful of rungs can carry); with one size, or rungs that do not say
+    their size, it is left out and every prediction at another size is marked as extrapolated."""
 
     k: int
     lam: float
     setting: str
-    a: float
-    b: float
+    coef: tuple[float, ...]
+    cov: list[list[float]]  # (XᵀX)⁻¹: the coefficients' covariance up to the residual variance
     resid_sd: float
     n: int
-    rungs: int
-    x_mean: float
-    sxx: float
-    x_min: float
+    rungs: int  # distinct (size, tokens/param) points fitted
+    x_min: float  # log10 tokens/param of the fitted rungs
     x_max: float
+    sizes: tuple[float, ...] = ()  # the measured model sizes (parameters), smallest first; () when unknown
+
+    @property
+    def a(self) -> float:
+        return self.coef[0]
+
+    @property
+    def b(self) -> float:
+        return self.coef[1]
+
+    @property
+    def c(self) -> float:
+        """Δ per decade of model size (0 when one size was measured)."""
+        return self.coef[2] if len(self.coef) > 2 else 0.0
+
+    def _row(self, x: float, params: float | None) -> list[float]:
+        row = [1.0, x]
+        if len(self.coef) > 2:
+            # The size term is held at the nearest measured size: a slope fitted over a few sizes says nothing
+            # about models orders of magnitude away (predict() marks such a prediction as extrapolated).
+            size = min(max(params or self.sizes[-1], self.sizes[0]), self.sizes[-1])
+            row.append(math.log10(size))
+        return row
+
+    def _band(self, row: list[float], *, new_point: bool) -> tuple[float, float]:
+        mean = sum(c * v for c, v in zip(self.coef, row))
+        quad = sum(row[i] * self.cov[i][j] * row[j] for i in range(len(row)) for j in range(len(row)))
+        return mean, t95(self.n - len(self.coef)) * self.resid_sd * math.sqrt(max(0.0, quad + new_point))
 
     @property
     def crossover(self) -> float | None:
-        """Tokens per parameter where Δ reaches 0 (patch-level training starts to win), if Δ falls with data."""
-        return 10 ** (-self.a / self.b) if self.b < 0 else None
+        """Tokens per parameter where Δ reaches 0 at the largest measured size, if Δ falls with data."""
+        hit = self.crossover_at(None)
+        return hit[0] if hit else None
 
-    def predict(self, tokens_per_param: float) -> tuple[float, float, float, str]:
-        """Predicted Δ, its 95 % prediction interval, and 'measured' (inside the ladder) or 'extrapolated'."""
+    def crossover_at(self, params: float | None) -> tuple[float, float | None, float | None] | None:
+        """(tokens/param where the fitted Δ reaches 0, and the range where its 95 % confidence band holds 0)
+        at a model size (None: the largest measured); None if Δ does not fall with data. An end of the range
+        beyond 10^8 tokens/param is None."""
+        if self.b >= 0:
+            return None
+        size = self._row(0.0, params)[2] if len(self.coef) > 2 else 0.0
+        at = -(self.a + self.c * size) / self.b
+        grid = [i / 100 for i in range(-200, 801)]
+        bands = [self._band(self._row(x, 10 ** size if len(self.coef) > 2 else None), new_point=False)
+                 for x in grid]
+        lo = next((x for x, (m, h) in zip(grid, bands) if m - h <= 0), None)
+        hi = next((x for x, (m, h) in zip(grid, bands) if m + h < 0), None)
+        return 10 ** at, None if lo is None else 10 ** lo, None if hi is None else 10 ** hi
+
+    def predict(self, tokens_per_param: float, params: float | None = None) -> tuple[float, float, float, str]:
+        """Predicted Δ, its 95 % prediction interval, and 'measured' (inside the fitted rungs and sizes) or
+        'extrapolated (...)' saying how far beyond them."""
         x = math.log10(tokens_per_param)
-        mean = self.a + self.b * x
-        half = t95(self.n - 2) * self.resid_sd * math.sqrt(1 + 1 / self.n + (x - self.x_mean) ** 2 / self.sxx)
-        where = "measured" if self.x_min - 1e-9 <= x <= self.x_max + 1e-9 else "extrapolated"
-        return mean, mean - half, mean + half, where
+        mean, half = self._band(self._row(x, params), new_point=True)
+        beyond = []
+        if x > self.x_max + 1e-9:
+            beyond.append(f"{times(10 ** (x - self.x_max))} beyond the largest rung")
+        elif x < self.x_min - 1e-9:
+            beyond.append(f"{times(10 ** (self.x_min - x))} below the smallest rung")
+        held = f": Δ as at {self.sizes[-1]:,.0f} parameters" if len(self.coef) > 2 else ""
+        if params and self.sizes:
+            if params > self.sizes[-1] * (1 + 1e-9):
+                beyond.append(f"{times(params / self.sizes[-1])} beyond the largest measured size{held}")
+            elif params < self.sizes[0] * (1 - 1e-9):
+                held = f": Δ as at {self.sizes[0]:,.0f} parameters" if len(self.coef) > 2 else ""
+                beyond.append(f"{times(self.sizes[0] / params)} below the smallest measured size{held}")
+        elif params:
+            beyond.append("the ladder does not record its model size")
+        return mean, mean - half, mean + half, f"extrapolated ({'; '.join(beyond)})" if beyond else "measured"
+
+
+def size_of(rung: dict[str, Any]) -> float | None:
+    return float(rung["model_params"]) if rung.get("model_params") else None
 
 
 def falling_branch(rungs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rungs from the one with the largest mean Δ on, when they are at least MIN_RUNGS; else all of them.
+    Per model size, when the rungs say theirs.
 
     Small models at few tokens per parameter first fall behind more as data grows (the patch model has learned
     too little to transfer), then catch up; only the catching-up branch says where Δ reaches zero, so a fit
     that includes the rising rungs would put the crossover orders of magnitude too far (regime.md).
     """
-    ordered = sorted(rungs, key=lambda r: r["tokens_per_param"])
-    means = [sum(r["deltas"]) / len(r["deltas"]) for r in ordered]
-    peak = max(range(len(ordered)), key=lambda i: means[i])
-    tail = ordered[peak:]
-    return tail if len({r["tokens_per_param"] for r in tail}) >= MIN_RUNGS else ordered
+    out = []
+    for size in sorted({size_of(r) or 0.0 for r in rungs}):
+        ordered = sorted((r for r in rungs if (size_of(r) or 0.0) == size), key=lambda r: r["tokens_per_param"])
+        means = [sum(r["deltas"]) / len(r["deltas"]) for r in ordered]
+        peak = max(range(len(ordered)), key=lambda i: means[i])
+        tail = ordered[peak:]
+        out += tail if len({r["tokens_per_param"] for r in tail}) >= MIN_RUNGS else ordered
+    return out
 
 
 def fit_ladder(rungs: list[dict[str, Any]], *, branch: bool = True) -> LadderFit:
     """Least squares over every seed's point of rungs that share one (K, λ, setting); with `branch`, only over
-    the falling branch (falling_branch), which `x_min` then starts."""
+    each size's falling branch (falling_branch), which `x_min` then starts."""
+    import numpy as np
+
     keys = {(int(r["k"]), round(float(r["lam"]), 3), r["setting"]) for r in rungs}
     if len(keys) != 1:
         raise InputError(f"ladder: one fit per (K, λ, setting); got {sorted(keys)}")
@@ -99,23 +173,31 @@ def fit_ladder(rungs: list[dict[str, Any]], *, branch: bool = True) -> LadderFit
     for r in rungs:
         if not r["tokens_per_param"] > 0:
             raise InputError(f"ladder: tokens_per_param must be > 0, got {r['tokens_per_param']}")
-    xs, ys = [], []
-    for r in falling_branch(rungs) if branch else rungs:
+    used = falling_branch(rungs) if branch else rungs
+    sizes = sorted({s for r in used if (s := size_of(r))})
+    if any(size_of(r) is None for r in used):
+        sizes = []  # some rungs do not say their size: no size axis
+    two_axes = len(sizes) >= 2
+    rows, ys, points = [], [], set()
+    for r in used:
         for d in r["deltas"]:
-            xs.append(math.log10(r["tokens_per_param"]))
+            x = math.log10(r["tokens_per_param"])
+            rows.append([1.0, x, math.log10(size_of(r))] if two_axes else [1.0, x])
             ys.append(float(d))
-    distinct = len(set(xs))
-    if distinct < MIN_RUNGS:
+            points.add((size_of(r), x))
+    distinct = len({x for _, x in points}) if not two_axes else len(points)
+    need = MIN_RUNGS + (1 if two_axes else 0)
+    if distinct < need:
         raise InputError(f"ladder K={k} λ={lam:.3g} {setting}: {distinct} distinct rung(s); a fit needs at least "
-                         f"{MIN_RUNGS}, so no prediction is made")
-    n = len(xs)
-    x_mean, y_mean = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - x_mean) ** 2 for x in xs)
-    b = sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys)) / sxx
-    a = y_mean - b * x_mean
-    sse = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys))
-    return LadderFit(k=k, lam=lam, setting=setting, a=a, b=b, resid_sd=math.sqrt(sse / max(1, n - 2)), n=n,
-                     rungs=distinct, x_mean=x_mean, sxx=sxx, x_min=min(xs), x_max=max(xs))
+                         f"{need}, so no prediction is made")
+    X, y = np.array(rows), np.array(ys)
+    cov = np.linalg.pinv(X.T @ X)
+    coef = cov @ X.T @ y
+    sse = float(((y - X @ coef) ** 2).sum())
+    xs = [row[1] for row in rows]
+    return LadderFit(k=k, lam=lam, setting=setting, coef=tuple(float(c) for c in coef), cov=cov.tolist(),
+                     resid_sd=math.sqrt(sse / max(1, len(ys) - len(coef))), n=len(ys), rungs=distinct,
+                     x_min=min(xs), x_max=max(xs), sizes=tuple(sizes))
 
 
 def read_ladders(paths: list[str]) -> tuple[list[dict[str, Any]], str]:
@@ -138,7 +220,8 @@ def read_ladders(paths: list[str]) -> tuple[list[dict[str, Any]], str]:
 
 def advice_table(rungs: list[dict[str, Any]], *, params: int, budget: float, setting: str = "E2") -> str:
     """For a model of `params` parameters and a compute budget of `budget` model positions: per measured
-    (K, λ), the predicted Δ at equal compute with its interval and basis, then a recommendation."""
+    (K, λ), the predicted Δ at equal compute with its interval and basis, the crossover each measured size
+    shows, then a recommendation."""
     x = budget / params  # token-only training spends one position per token: its tokens per parameter
     groups: dict[tuple[int, float], list[dict[str, Any]]] = {}
     for r in rungs:
@@ -148,25 +231,33 @@ def advice_table(rungs: list[dict[str, Any]], *, params: int, budget: float, set
         return f"no {setting} (equal compute) rungs in the ladder files: nothing to predict from"
     lines = [f"Predicted Δ = patch − token-only final val loss at equal compute, at {tpp(x)} tokens/parameter "
              f"({budget:.3g} positions, {params:,} parameters):", "",
-             "| K | λ | predicted Δ | 95 % interval | basis | rungs (seeds) | crossover (tokens/param) |",
+             "| K | λ | predicted Δ | 95 % interval | basis | rungs (seeds) | crossover at this size (tokens/param) |",
              "|---|---|---|---|---|---|---|"]
-    best = None
+    best, per_size = None, []
     for (k, lam), rs in sorted(groups.items()):
         try:
             f = fit_ladder(rs)
         except InputError as e:
             lines.append(f"| {k} | {lam:.3g} | - | - | {e} | {len(rs)} | - |")
             continue
-        mean, lo, hi, where = f.predict(x)
-        cross = tpp(f.crossover) if f.crossover else "none (Δ does not fall with data)"
-        lines.append(f"| {k} | {lam:.3g} | {mean:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {where} "
-                     f"(fit on {tpp(10 ** f.x_min)}–{tpp(10 ** f.x_max)}) | {f.rungs} ({f.n}) | {cross} |")
+        mean, lo, hi, where = f.predict(x, params)
+        cross = f.crossover_at(params)
+        sizes = f" at {', '.join(f'{s:,.0f}' for s in f.sizes)} parameters" if f.sizes else ""
+        lines.append(f"| {k} | {lam:.3g} | {mean:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {where} (fit on "
+                     f"{tpp(10 ** f.x_min)}–{tpp(10 ** f.x_max)} tokens/param{sizes}) | {f.rungs} ({f.n}) | "
+                     f"{crossing(cross)} |")
+        for size in f.sizes:
+            per_size.append(f"- K={k}, λ={lam:.3g}, {size:,.0f} parameters: crossover {crossing(f.crossover_at(size))}"
+                            f" tokens/param")
         if hi < 0 and (best is None or mean < best[2]):
             best = (k, lam, mean, where)
+    if per_size:
+        lines += ["", "Crossover per measured size (where the fit's Δ reaches 0; the range where its 95 % band "
+                  "holds 0):", *per_size]
     lines.append("")
     if best:
         k, lam, mean, where = best
-        caveat = ": beyond the measured rungs, so a trend, not a measurement" if where == "extrapolated" else ""
+        caveat = ": beyond what was measured, so a trend, not a measurement" if where != "measured" else ""
         lines.append(f"Recommendation: K={k}, λ={lam:.3g} (predicted {mean:+.4f} nats, the whole interval below 0; "
                      f"{where}{caveat}).")
     else:
@@ -175,7 +266,16 @@ def advice_table(rungs: list[dict[str, Any]], *, params: int, budget: float, set
     return "\n".join(lines)
 
 
-def transfer_note(tokens_per_param: float, rungs: list[dict[str, Any]], source: str = "") -> str | None:
+def crossing(hit: tuple[float, float | None, float | None] | None) -> str:
+    if hit is None:
+        return "none (Δ does not fall with data)"
+    at, lo, hi = hit
+    show = lambda v: tpp(v) if v <= 1e8 else "> 10^8"  # noqa: E731
+    return f"{show(at)} [{show(lo) if lo else '-'}, {show(hi) if hi else '> 10^8'}]"
+
+
+def transfer_note(tokens_per_param: float, rungs: list[dict[str, Any]], source: str = "",
+                  params: float | None = None) -> str | None:
     """A warning when a search ran well below (a third of) the scale where patch-level training starts to pay
     off: the crossover a ladder predicts at equal compute, or the paper's when the ladder has none. None when the
     search is near or past it. A small search then favours token-only training, and its answer may not transfer."""
@@ -187,8 +287,8 @@ def transfer_note(tokens_per_param: float, rungs: list[dict[str, Any]], source: 
             f = fit_ladder(group)
         except InputError:
             continue
-        if f.crossover:
-            crossovers.append((f.crossover, f"K={f.k}, λ={f.lam:.3g}"))
+        if hit := f.crossover_at(params):
+            crossovers.append((hit[0], f"K={f.k}, λ={f.lam:.3g}"))
     ladder = f"the measured ladder{f' {source}' if source else ''}"
     if crossovers:
         at, which = min(crossovers)

@@ -14,11 +14,12 @@ from raypatch.safety import InputError
 
 
 def synthetic(a: float, b: float, xs: list[float], *, seeds: int = 2, noise: float = 0.0, setting: str = "E2",
-              k: int = 4, lam: float = 0.667, seed: int = 0) -> list[dict]:
-    """Rungs whose Δ = a + b·log10(x), plus Gaussian noise per seed."""
+              k: int = 4, lam: float = 0.667, seed: int = 0, size: float = 0, c: float = 0.0) -> list[dict]:
+    """Rungs whose Δ = a + b·log10(x) [+ c·log10(size)], plus Gaussian noise per seed; `size` recorded if given."""
     rng = random.Random(seed)
-    return [{"k": k, "lam": lam, "setting": setting, "tokens_per_param": x,
-             "deltas": [a + b * math.log10(x) + rng.gauss(0, noise) for _ in range(seeds)]} for x in xs]
+    shift = c * math.log10(size) if size else 0.0
+    return [{"k": k, "lam": lam, "setting": setting, "tokens_per_param": x, **({"model_params": size} if size else {}),
+             "deltas": [a + shift + b * math.log10(x) + rng.gauss(0, noise) for _ in range(seeds)]} for x in xs]
 
 
 def test_fit_recovers_slope_intercept_and_crossover():
@@ -28,7 +29,8 @@ def test_fit_recovers_slope_intercept_and_crossover():
     assert f.crossover == pytest.approx(1000.0)
     mean, lo, hi, where = f.predict(100)
     assert mean == pytest.approx(0.1) and lo == pytest.approx(hi) and where == "measured"
-    assert f.predict(3000)[3] == "extrapolated" and f.predict(3000)[0] == pytest.approx(-0.0477, abs=1e-3)
+    assert f.predict(3000)[3] == "extrapolated (×10 beyond the largest rung)"
+    assert f.predict(3000)[0] == pytest.approx(-0.0477, abs=1e-3)
 
 
 def test_noisy_fit_brackets_the_truth_and_widens_when_extrapolating():
@@ -114,3 +116,34 @@ def test_the_fit_uses_the_falling_branch_of_a_rise_then_fall_ladder():
     short = synthetic(0.2, 0.3, [3, 10, 30, 100]) + synthetic(1.8, -0.6, [300])  # peak at 100: 2 rungs from it
     assert fit_ladder(short).rungs == 5
     assert "fit on 30–300" in advice_table(rising + falling, params=10**6, budget=5e8)
+
+
+def test_two_sizes_fit_a_size_axis_and_a_crossover_per_size():
+    """Δ = 1.0 − 0.2·log10(x) − 0.1·log10(N): at N=10^4 zero at x = 10^3, at N=10^5 at 10^2.5 (a larger model
+    starts to gain sooner). Two measured sizes recover all three coefficients; a third, unmeasured size is
+    marked as extrapolated with how far."""
+    rungs = (synthetic(1.0, -0.2, [3, 10, 30, 100], size=1e4, c=-0.1)
+             + synthetic(1.0, -0.2, [3, 10, 30], size=1e5, c=-0.1))
+    f = fit_ladder(rungs)
+    assert f.sizes == (1e4, 1e5) and f.rungs == 7
+    assert (f.a, f.b, f.c) == pytest.approx((1.0, -0.2, -0.1))
+    assert f.crossover_at(1e4)[0] == pytest.approx(1000) and f.crossover_at(1e5)[0] == pytest.approx(10 ** 2.5)
+    assert f.predict(10, 3e4)[3] == "measured"
+    where = f.predict(10, 2.4e8)[3]
+    assert where == "extrapolated (×2,400 beyond the largest measured size: Δ as at 100,000 parameters)", where
+    assert "×10 below the smallest measured size: Δ as at 10,000 parameters" in f.predict(10, 1e3)[3]
+    # Beyond the measured sizes the size term is held, not extrapolated: a few sizes cannot carry a slope that far.
+    assert f.predict(10, 2.4e8)[0] == pytest.approx(f.predict(10, 1e5)[0])
+    table = advice_table(rungs, params=10**5, budget=10**5 * 10)
+    assert "Crossover per measured size" in table and "10,000 parameters: crossover 1,000" in table
+    assert "100,000 parameters: crossover 316" in table
+
+
+def test_one_measured_size_marks_every_other_size_as_extrapolated():
+    rungs = synthetic(0.3, -0.1, [10, 30, 100, 300], size=153_840)
+    f = fit_ladder(rungs)
+    assert len(f.coef) == 2 and f.sizes == (153_840,)
+    assert f.predict(100, 153_840)[3] == "measured"
+    assert f.predict(100, 370e6)[3] == "extrapolated (×2,410 beyond the largest measured size)"
+    old = fit_ladder(synthetic(0.3, -0.1, [10, 30, 100, 300]))  # a ladder that does not record its size
+    assert old.predict(100, 370e6)[3] == "extrapolated (the ladder does not record its model size)"
