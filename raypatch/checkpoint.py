@@ -213,8 +213,9 @@ def check_compatible(meta: dict[str, Any], *, config: dict[str, Any], tokenizer_
                          f"{config['data']['shards']} (content {shards[:12]}); its data cursor would point into a "
                          f"different stream: use the original shards, or a new checkpoint.name to start a new run")
     if meta["plan"] != plan:
-        raise InputError(f"checkpoint {where} was made with another data plan (patch.k, patch.lam, data.seq_len, "
-                         f"data.max_tokens or optim.tokens_per_step changed); resuming would break the data cursor")
+        raise InputError(f"checkpoint {where} was made with another data plan (patch.k, patch.lam, phases.schedule, "
+                         f"data.seq_len, data.max_tokens or optim.tokens_per_step changed); resuming would break "
+                         f"the data cursor")
 
 
 def save_and_report(engine: Any, *, rank: int, meta: dict[str, Any], metrics: dict[str, Any],

@@ -442,9 +442,9 @@ class Config:
                                        "every phase its share")
         blocks = [("patch", self.patch_block_tokens), ("token", self.data.seq_len)]
         if self.phases.schedule:
-            blocks = [("patch" if k > 1 else "token", self.block_tokens(k))
-                      for k, _ in parse_schedule(self.phases.schedule)]
-            for k, _ in parse_schedule(self.phases.schedule):
+            ks = [k for k, _ in self.schedule()]
+            blocks = [("patch" if k > 1 else "token", self.block_tokens(k)) for k in ks]
+            for k in ks:
                 if self.patch.context == "tokens" and (t % k or t // k < 2):
                     _fail("phases.schedule", f"K={k} must divide data.seq_len={t} and leave 2 patches per row "
                                              f"(patch.context='tokens')")

@@ -182,6 +182,17 @@ class PhasePlan:
         return asdict(self)
 
 
+def data_tokens(stream_tokens: int, max_tokens: int, epochs: int, source: str) -> int:
+    """D: data.max_tokens, or the whole stream over data.epochs passes; more than the stream holds is refused."""
+    available = stream_tokens * epochs
+    d = max_tokens or available
+    if d > available:
+        more = f"; set data.epochs >= {-(-d // stream_tokens)} to repeat it" if epochs == 1 else ""
+        raise InputError(f"data.max_tokens={d:,} exceeds the {available:,} train tokens in {source}"
+                         f"{' over ' + str(epochs) + ' epochs' if epochs > 1 else ''}{more}")
+    return d
+
+
 def plan_phases(*, stream_tokens: int, seq_len: int, k: int, lam: float, tokens_per_step: int,
                 max_tokens: int = 0, patch_tokens: int = 0, patch_block_tokens: int | None = None,
                 patch_only: bool = False, epochs: int = 1, source: str = "the corpus") -> list[PhasePlan]:
@@ -191,12 +202,7 @@ def plan_phases(*, stream_tokens: int, seq_len: int, k: int, lam: float, tokens_
     With epochs > 1 the stream repeats end to end (multi-epoch mode, the paper's Table 2 recipe): D may reach
     epochs × stream_tokens, and the patch phase takes the first λ of those passes, the token phase the rest.
     """
-    available = stream_tokens * epochs
-    d = max_tokens or available
-    if d > available:
-        more = f"; set data.epochs >= {-(-d // stream_tokens)} to repeat it" if epochs == 1 else ""
-        raise InputError(f"data.max_tokens={d:,} exceeds the {available:,} train tokens in {source}"
-                         f"{' over ' + str(epochs) + ' epochs' if epochs > 1 else ''}{more}")
+    d = data_tokens(stream_tokens, max_tokens, epochs, source)
     if patch_tokens > d:
         raise InputError(f"data.patch_tokens={patch_tokens:,} exceeds D={d:,} (data.max_tokens)")
     # The epsilon keeps float noise in a λ such as 2/3 from dropping a token.
@@ -225,11 +231,7 @@ def plan_schedule(*, stream_tokens: int, schedule: list[tuple[int, float]], toke
     `schedule` in order (phases.schedule): phase i reads stream tokens [c_{i-1}·D, c_i·D), c_i the running sum
     of the shares, rounded to a token (patching.schedule_ends), the last phase up to D. Every phase has the same
     tokens per optimizer step; block_tokens(K) gives its row length."""
-    available = stream_tokens * epochs
-    d = max_tokens or available
-    if d > available:
-        more = f"; set data.epochs >= {-(-d // stream_tokens)} to repeat it" if epochs == 1 else ""
-        raise InputError(f"data.max_tokens={d:,} exceeds the {available:,} train tokens in {source}{more}")
+    d = data_tokens(stream_tokens, max_tokens, epochs, source)
     plans, start = [], 0
     for (k, _), end in zip(schedule, schedule_ends(schedule, d)):
         bt = block_tokens(k)
