@@ -130,7 +130,7 @@ def lr_sweep(args: argparse.Namespace, size: str, shards: str, corpus: int, stor
         d = rung_tokens(args.lr_rung, total, base.optim.tokens_per_step)
         print(f"[{size} lr sweep] lr={lr:g}, D={d:,}", flush=True)
         run = fit_run(base, name=f"{size}-lr{lr:g}", lam=0.0, tokens=d, corpus=corpus, seed=0, storage=storage)
-        out.append({"lr": lr, "rung": args.lr_rung, "val_loss": run["val_loss"], "wall_s": run["wall_s"]})
+        out.append({"lr": lr, "rung": args.lr_rung, "val_loss": run["val_loss"], "wall_s": run["wall_s"], "run": run})
         print(f"    val loss {run['val_loss']:.4f}", flush=True)
     return out
 
@@ -164,6 +164,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # A size with runs keeps the learning rate they trained with; the table shows the sweep beside it.
             size["lr"] = size.get("lr", best)
             load.mark("lr sweep")
+            kept = next((x["run"] for x in size["lr_sweep"] if x["lr"] == size["lr"]), None)
+            for x in size["lr_sweep"]:
+                x.pop("run", None)
+            if kept and args.lr_rung in rungs and "token" in kinds:
+                # The sweep's run at the chosen rate is the rung's token-only run, seed 0: the same fit, not redone.
+                params = params_of(base_config(args, args.size, size["lr"], shards))
+                name = f"{args.size}-r{args.lr_rung:g}-token-s0"
+                study["runs"].append({"size": args.size, "rung": args.lr_rung, "kind": "token",
+                                      "tokens_per_param": kept["tokens"] / params[0],
+                                      "tokens_per_nonemb_param": kept["tokens"] / params[1], **kept, "name": name})
         base = base_config(args, args.size, size["lr"], shards)
         if essentials(size.get("config", base.to_dict())) != essentials(base.to_dict()):
             raise SystemExit(f"size {args.size}: the study's runs trained another model or recipe "
