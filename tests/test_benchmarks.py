@@ -1,6 +1,9 @@
 """The paper's claims at toy scale, quick mode: every experiment of benchmarks/reproduce.py runs end to end.
 
-Run: pytest tests/test_benchmarks.py -m slow   (about 7 minutes on 2 cores)
+A drill, not in CI (about 4 minutes): the benchmarks are measurements, not what a user runs; the main job's
+exactness is tests/test_main_job.py's, in the default tier.
+
+Run: pytest tests/test_benchmarks.py -m drill   (about 4 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import pytest
 
 from .conftest import EMBEDDED, ROOT, WIKITEXT
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.drill]
 
 
 def test_reproduce_quick(tmp_path):

@@ -96,12 +96,12 @@ def test_terminal_shows_raypatch_lines_and_a_rerun_changes_nothing(shards, tmp_p
     assert_no_leak(mark)
 
 
-@pytest.mark.ray
 def temp_copies() -> set[Path]:
     """The local checkpoint copies workers write before an upload (raypatch.checkpoint.temp_prefix)."""
     return set(Path(tempfile.gettempdir()).glob("raypatch-ckpt-*"))
 
 
+@pytest.mark.ray
 def test_ctrl_c_and_errors_end_every_process(shards, tmp_path):
     mark = uuid.uuid4().hex
     before = temp_copies()
