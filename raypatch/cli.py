@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from raypatch.cluster import end_ray, init_ray, quiet_env
+from raypatch.config import parse_schedule
 from raypatch.console import capture, say
 from raypatch.ladder import DEFAULT_LADDER
 from raypatch.presets import load_config
@@ -206,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--corpus-tokens", type=int, required=True)
     pl.add_argument("--k", default="1,2,4,8")
     pl.add_argument("--lam", default="0.5,0.667,0.8")
+    pl.add_argument("--schedule", default="", metavar="K:SHARE,...|...",
+                    help="phase schedules to plan too, separated by | (e.g. '16:0.2,4:0.4,1:0.4|4:0.667,1:0.333')")
     pl.add_argument("--experiment", default="", help="a finished `raypatch tune` output directory")
     pl.add_argument("--ladder", nargs="+", default=[], metavar="FILE",
                     help="measured ladders (benchmarks/regime.py's regime_ladder.json; builtin: the one "
@@ -343,10 +346,17 @@ def run_command(args: argparse.Namespace) -> None:
             raise InputError(f"--budget and --corpus-tokens must be > 0 (got {args.budget:g}, {args.corpus_tokens})")
         if any(k < 1 for k in ks) or any(not 0 <= x < 1 for x in lams):
             raise InputError(f"--k values must be >= 1 and --lam values in [0, 1) (got {args.k}, {args.lam})")
+        schedules = [x.strip() for x in args.schedule.split("|") if x.strip()]
+        for text in schedules:  # a malformed schedule is bad input; one the budget cannot afford is a table row
+            try:
+                parse_schedule(text)
+            except ValueError as e:
+                why = str(e).removeprefix("config field 'phases.schedule': ")
+                raise InputError(f"--schedule {text!r}: {why}") from None
         results = read_results(args.experiment) if args.experiment else None
         cfg = load_config(args.config, args.set)
         print(plan_table(args.budget, args.corpus_tokens, ks=ks, lams=lams,
-                         tokens_per_step=cfg.optim.tokens_per_step, results=results))
+                         tokens_per_step=cfg.optim.tokens_per_step, results=results, schedules=schedules))
         if args.ladder:
             from raypatch.ladder import advice_table, read_ladders
 
@@ -355,6 +365,8 @@ def run_command(args: argparse.Namespace) -> None:
 
             params = args.params or count_params(cfg.model, exclude_embeddings=counted == "non_embedding")
             print("\n" + advice_table(rungs, params=params, budget=args.budget))
+            if schedules:
+                print("(the ladder measured K=4, λ=2/3 only: it predicts nothing for the schedules above)")
     elif args.cmd == "evaluate":
         print(json.dumps(evaluate_command(args), indent=1))
     elif args.cmd == "export":

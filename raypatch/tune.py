@@ -546,10 +546,10 @@ def heatmap(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def plan_table(budget: float, corpus_tokens: int, *, ks: list[int], lams: list[float], tokens_per_step: int,
-               results: list[dict[str, Any]] | None = None) -> str:
+               results: list[dict[str, Any]] | None = None, schedules: list[str] | None = None) -> str:
     """(K, λ, D) options for a compute budget: exactly what `raypatch tune` would train (budget_split), with
-    measured losses when given."""
-    measured = {(int(r["K"]), round(float(r["lam"]), 2)): r for r in (results or []) if not r.get("schedule")}
+    measured losses when given; then each phase schedule's (schedule_split) options."""
+    two_phase = [r for r in (results or []) if not r.get("schedule")]
     lines = ["| K | λ requested | λ trained | relative cost | D (tokens) | patch tokens | token tokens "
              "| epochs of the corpus | fits |" + (" val loss |" if results else ""),
              "|---|---|---|---|---|---|---|---|---|" + ("---|" if results else "")]
@@ -561,12 +561,47 @@ def plan_table(budget: float, corpus_tokens: int, *, ks: list[int], lams: list[f
                 lines.append(f"| {k} | {lam:.3g} | - | - | - | - | - | - | no: {e} |" + (" - |" if results else ""))
                 continue
             epochs = b.data_tokens / corpus_tokens
-            m = measured.get((k, round(b.lam, 2)))
+            m = [r for r in two_phase if int(r["K"]) == k and round(float(r["lam"]), 2) == round(b.lam, 2)]
             lines.append(f"| {k} | {lam:.3g} | {b.lam:.4f} | {b.relative_cost:.3f} | {b.data_tokens:,} "
                          f"| {b.patch_tokens:,} | {b.token_tokens:,} | {epochs:.3g} "
-                         f"| {'yes' if epochs <= 1 else 'multi-epoch'} |"
-                         + (f" {m['val_loss']:.4f} |" if m else (" - |" if results else "")))
+                         f"| {'yes' if epochs <= 1 else 'multi-epoch'} |" + (f" {measured(m)} |" if results else ""))
+    return "\n".join(lines) + (schedule_table(budget, corpus_tokens, schedules, tokens_per_step=tokens_per_step,
+                                               results=results) if schedules else "")
+
+
+def schedule_table(budget: float, corpus_tokens: int, schedules: list[str], *, tokens_per_step: int,
+                   results: list[dict[str, Any]] | None = None) -> str:
+    """The plan's rows for phase schedules: the whole-step shares `raypatch tune` would train (schedule_split), the
+    relative cost Σ share/K, D and each phase's tokens, with a search's measured losses for the same schedule."""
+    from raypatch.config import parse_schedule
+
+    lines = ["", "", "| schedule | shares trained | relative cost | D (tokens) | tokens per phase "
+             "| epochs of the corpus | fits |" + (" val loss |" if results else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if results else "")]
+    for text in schedules:
+        try:
+            exact, d, tokens = schedule_split(budget, parse_schedule(text), tokens_per_step=tokens_per_step)
+        except ValueError as e:
+            lines.append(f"| {text} | - | - | - | - | - | no: {e} |" + (" - |" if results else ""))
+            continue
+        trained = parse_schedule(exact)
+        epochs = d / corpus_tokens
+        m = [r for r in results or [] if r.get("schedule") == exact]
+        lines.append(f"| {text} | {','.join(f'{k}:{x:.4f}' for k, x in trained)} "
+                     f"| {sum(x / k for k, x in trained):.3f} | {d:,} | {' / '.join(f'{t:,}' for t in tokens)} "
+                     f"| {epochs:.3g} | {'yes' if epochs <= 1 else 'multi-epoch'} |"
+                     + (f" {measured(m)} |" if results else ""))
     return "\n".join(lines)
+
+
+def measured(rows: list[dict[str, Any]]) -> str:
+    """A plan cell: the measured val loss of a point, one per bag weighting a search tried there."""
+    got = [(r.get("weights") or "uniform", float(r["val_loss"])) for r in rows if r.get("val_loss") not in (None, "")]
+    if not got:
+        return "-"
+    if all(w == "uniform" for w, _ in got) and len(got) == 1:
+        return f"{got[0][1]:.4f}"
+    return ", ".join(f"{v:.4f} ({w})" for w, v in sorted(got))
 
 
 def model_flops_per_position(cfg: Config) -> float:

@@ -948,6 +948,8 @@ def test_bad_tune_arguments(shards, tmp_path, capsys, argv, pattern):
     (["--budget", "1e6", "--corpus-tokens", "100", "--k", "four"], "--k 'four': expected comma-separated int"),
     (["--budget", "1e6", "--corpus-tokens", "100", "--lam", "1.5"], "--lam values in [0, 1)"),
     (["--budget", "1e6", "--corpus-tokens", "100", "--experiment", "/nonexistent"], "no results.csv"),
+    (["--budget", "1e6", "--corpus-tokens", "100", "--schedule", "4:0.5,2:0.5"], "--schedule '4:0.5,2:0.5': needs"),
+    (["--budget", "1e6", "--corpus-tokens", "100", "--schedule", "4:0.5,1:0.6"], "shares must be in (0, 1] and sum"),
 ])
 def test_bad_plan_arguments(capsys, argv, pattern):
     refused(capsys, ["plan", *argv], pattern)

@@ -60,6 +60,28 @@ def test_plan_prints_what_tune_trains():
     assert "multi-epoch" in table
 
 
+def test_plan_prints_the_schedules_tune_trains():
+    """A schedule's plan row is the trial's data plan, phase by phase; the two-phase schedule is the (K, λ) row;
+    a search's measured losses land in the row of the schedule it trained, one per bag weighting."""
+    budget = 40_960  # three phases of whole 2,048-token steps (K=16 takes rows of 16·T = 512 tokens)
+    cfg = apply_overrides(presets.tiny(), ["optim.tokens_per_step=2048"])
+    sched = "16:0.2,4:0.4,1:0.4"
+    table = plan_table(budget, 10**6, ks=[4], lams=[0.667], tokens_per_step=2048, schedules=[sched, "4:0.667,1:0.333"])
+    trial = trial_config(cfg, {"phases.schedule": sched}, budget, corpus_tokens=10**6)
+    shares = ",".join(f"{k}:{x:.4f}" for k, x in trial.schedule())
+    cost = sum(x / k for k, x in trial.schedule())
+    assert f"| {sched} | {shares} | {cost:.3f} | {trial.data.max_tokens:,} |" in table, table
+    assert budget - 2048 < trial.data.max_tokens * cost <= budget
+    b = trial_budget(apply_overrides(cfg, ["patch.k=4", "patch.lam=0.667"]), budget, corpus_tokens=10**6)
+    assert f"| {b.data_tokens:,} | {b.patch_tokens:,} / {b.token_tokens:,} |" in table.split("| 4:0.667,1:0.333 |")[1]
+    rows = [{"K": 16, "lam": 0.2, "schedule": trial.phases.schedule, "weights": w, "val_loss": v}
+            for w, v in (("uniform", 5.25), ("power:1", 5.125))]
+    with_loss = plan_table(budget, 10**6, ks=[1], lams=[], tokens_per_step=2048, schedules=[sched], results=rows)
+    assert f"| {sched} | {shares} |" in with_loss and "| 5.1250 (power:1), 5.2500 (uniform) |" in with_loss
+    over = plan_table(budget, 10**6, ks=[1], lams=[], tokens_per_step=2048, schedules=["16:0.999,1:0.001"])
+    assert "| 16:0.999,1:0.001 | - | - | - | - | - | no: compute budget" in over
+
+
 @pytest.mark.ray
 def test_small_search_under_fixed_compute(shards, ray_local, tmp_path):
     from raypatch.tune import run_search, write_outputs
