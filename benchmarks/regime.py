@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--size", default="s", choices=sorted(SIZES), help="the model size of this invocation")
     ap.add_argument("--lr", type=float, default=0.0,
                     help="the size's learning rate (default: the one its sweep chose, else a sweep now)")
-    ap.add_argument("--lr-sweep", default="1e-3,3e-3,1e-2", help="learning rates the sweep tries (token-only)")
+    ap.add_argument("--lr-sweep", default="", help="learning rates the sweep tries (token-only; default "
+                    "1e-3,3e-3,1e-2); with --append, rates the size's recorded sweep lacks are added to it")
     ap.add_argument("--lr-rung", type=float, default=10, help="the rung the learning-rate sweep trains at")
     ap.add_argument("--kinds", default=",".join(KINDS), help="which runs per rung (e.g. control, to add the "
                     "control arm to a study)")
@@ -124,7 +125,7 @@ def rung_tokens(r: float, total: int, tps: int) -> int:
 def lr_sweep(args: argparse.Namespace, size: str, shards: str, corpus: int, storage: Path) -> list[dict[str, Any]]:
     """Token-only runs at --lr-rung, seed 0, one per learning rate of --lr-sweep."""
     out = []
-    for lr in (float(x) for x in args.lr_sweep.split(",")):
+    for lr in (float(x) for x in (args.lr_sweep or "1e-3,3e-3,1e-2").split(",")):
         base = base_config(args, size, lr, shards)
         total, _ = params_of(base)
         d = rung_tokens(args.lr_rung, total, base.optim.tokens_per_step)
@@ -158,6 +159,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         size = study["sizes"].get(args.size, {})
         if args.lr:
             size["lr"] = args.lr
+        elif "lr_sweep" in size and args.lr_sweep:
+            # Widening a recorded sweep (its best rate at an edge): only the new rates train. The size's runs keep
+            # the rate they trained with; the table shows the whole sweep beside it.
+            have = {x["lr"] for x in size["lr_sweep"]}
+            args.lr_sweep = ",".join(x for x in args.lr_sweep.split(",") if float(x) not in have)
+            if args.lr_sweep:
+                size["lr_sweep"] = sorted([*size["lr_sweep"], *({k: v for k, v in x.items() if k != "run"} for x in
+                                                              lr_sweep(args, args.size, shards, corpus, storage))],
+                                          key=lambda x: x["lr"])
+                best = min(size["lr_sweep"], key=lambda x: x["val_loss"])["lr"]
+                if best != size["lr"]:
+                    print(f"size {args.size}: the sweep's best rate is now {best:g}; its runs trained at "
+                          f"{size['lr']:g}", flush=True)
+                load.mark("lr sweep")
         elif "lr_sweep" not in size:
             size["lr_sweep"] = lr_sweep(args, args.size, shards, corpus, storage)
             best = min(size["lr_sweep"], key=lambda x: x["val_loss"])["lr"]
