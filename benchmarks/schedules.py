@@ -2,8 +2,8 @@
 and corpus (issue 31's measurement).
 
 At one rung of one size of benchmarks/regime.py's study (default: size xs, 100 tokens per parameter, its largest
-rung, with two seeds; the arms below take about a quarter of an hour here), beside the study's own token-only and E2 runs (K=4, λ=2/3 on
-twice the data: the same model positions), every run a complete raypatch.driver.fit:
+rung, with two seeds; the arms below take about a quarter of an hour here), beside the study's own token-only and
+E2 runs (K=4, λ=2/3 on twice the data: the same model positions), every run a complete raypatch.driver.fit:
 - schedule: phases.schedule (default 16:0.2,4:0.4,1:0.4, Next Patch Prediction's coarse-to-fine order) with the
   data that spends the same compute (patching.schedule_split, as `raypatch tune` would train it),
 - power: E2 with patch.weights=power:1 (Token Superposition Training's weighting inside a bag).
