@@ -3,6 +3,7 @@
     python tests/drills.py elastic  OUT_DIR SHARDS   # remove a node mid-run, then add it back
     python tests/drills.py preempt  OUT_DIR SHARDS   # drain a node with reason PREEMPTION, then reclaim it
     python tests/drills.py sigterm  OUT_DIR SHARDS   # SIGTERM a worker with no notice
+    (KEY=VALUE config overrides may follow SHARDS, e.g. phases.schedule=4:0.0625,2:0.1875,1:0.75)
 
 Each scenario trains the tiny preset on two "nodes" (the head and node B, one training slot each), disturbs it,
 lets it finish, and writes OUT_DIR/result.json with the blocks trained per step (each rank's last attempt),
@@ -33,7 +34,7 @@ def wait_for(pred, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
-def main(scenario: str, out_dir: str, shards: str) -> None:
+def main(scenario: str, out_dir: str, shards: str, overrides: list[str]) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
@@ -61,7 +62,7 @@ def main(scenario: str, out_dir: str, shards: str) -> None:
         "checkpoint.max_failures=3", "scale.worker_resources=slot=1", "scale.cpus_per_worker=0.5",
         "scale.resize_check_s=5", f"scale.min_workers={1 if elastic else 0}", "eval.max_rows=4", "log_every=8",
         # The drill sends the notice mid-run: ask at every step. SIGTERM hands over (off by default).
-        "checkpoint.preemption_check_every=1", "checkpoint.sigterm_grace_s=120"])
+        "checkpoint.preemption_check_every=1", "checkpoint.sigterm_grace_s=120", *overrides])
     run = out / scenario
     result: dict = {"scenario": scenario, "events": []}
     box: dict = {}
@@ -153,4 +154,4 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     if sys.argv[1] not in ("reference", "elastic", "preempt", "sigterm"):
         sys.exit(f"drills.py: unknown scenario {sys.argv[1]!r} (reference, elastic, preempt or sigterm)")
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:4], sys.argv[4:])

@@ -25,10 +25,11 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 DRILLS = Path(__file__).with_name("drills.py")
 
 
-def drill(name: str, shards: str, tmp: Path) -> dict:
+def drill(name: str, shards: str, tmp: Path, *overrides: str) -> dict:
+    """One scenario of tests/drills.py in its own process; overrides (KEY=VALUE) go on top of its config."""
     out = tmp / name
-    proc = subprocess.run([sys.executable, str(DRILLS), name, str(out), shards], capture_output=True, text=True,
-                          timeout=1200)
+    proc = subprocess.run([sys.executable, str(DRILLS), name, str(out), shards, *overrides], capture_output=True,
+                          text=True, timeout=1200)
     assert (out / "result.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads((out / "result.json").read_text())
     assert r["finished"] and r["error"] is None, (r["events"], r["error"], proc.stderr[-3000:])

@@ -153,3 +153,27 @@ def test_tune_searches_schedules_and_weights_at_equal_compute(shards, ray_local,
     md = paths["md"].read_text()
     assert "| trial | schedule | weights |" in md and "Winner: trial-" in md and "(schedule " in md
     assert paths["heatmap"].stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.drill  # about 6 minutes, outside CI's time: `pytest -m drill tests/test_phases.py`
+def test_elastic_resizes_across_a_schedule(shards, tmp_path):
+    """tests/drills.py's elastic scenario (node B removed, then added back: 2 → 1 → 2 workers) on a three-phase
+    schedule whose first switch falls between the two resizes: the shrunk group starts in the K=4 phase, trains
+    through the switch to K=2 on one worker, and the regrown group resumes from its checkpoint after a switch.
+    The finished run trained exactly a fault-free run's blocks, phase by phase."""
+    from .test_operations import drill
+
+    sched = "phases.schedule=4:0.0625,2:0.1875,1:0.75"  # 16 steps at K=4, 48 at K=2, 192 at K=1
+    ref = drill("reference", shards, tmp_path, sched)
+    r = drill("elastic", shards, tmp_path, sched)
+    recs = sorted(r["records"], key=lambda x: x["t"])
+    worlds = [x["world"] for x in recs]
+    assert [w for i, w in enumerate(worlds) if i == 0 or w != worlds[i - 1]][:3] == [2, 1, 2]
+    first1 = next(x for x in recs if x["world"] == 1)
+    first2 = next(x for x in recs if x["world"] == 2 and x["t"] > first1["t"])
+    # How far one worker trains before the regrown group takes over depends on the machine's speed: through the
+    # first switch at least (measured: through both, the group of two resuming in the token phase).
+    assert first1["phase"] == "patch1" and first2["phase"] in ("patch2", "token3"), (first1, first2, r["events"])
+    assert {x["phase"] for x in recs if x["world"] == 1} >= {"patch1", "patch2"}
+    assert r["blocks"] == ref["blocks"] and {k.split(":")[0] for k in ref["blocks"]} == {"patch1", "patch2", "token3"}
