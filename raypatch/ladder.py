@@ -143,22 +143,34 @@ def size_of(rung: dict[str, Any]) -> float | None:
     return float(rung["model_params"]) if rung.get("model_params") else None
 
 
+def _branches(rungs: list[dict[str, Any]]) -> list[tuple[float, list[dict[str, Any]], list[dict[str, Any]]]]:
+    """Per model size (0: not recorded): (size, its rungs by tokens/param, its rungs from the largest mean Δ on)."""
+    out = []
+    for size in sorted({size_of(r) or 0.0 for r in rungs}):
+        ordered = sorted((r for r in rungs if (size_of(r) or 0.0) == size), key=lambda r: r["tokens_per_param"])
+        means = [sum(r["deltas"]) / len(r["deltas"]) for r in ordered]
+        out.append((size, ordered, ordered[max(range(len(ordered)), key=lambda i: means[i]):]))
+    return out
+
+
 def falling_branch(rungs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rungs from the one with the largest mean Δ on, when they are at least MIN_RUNGS; else all of them.
-    Per model size, when the rungs say theirs.
+    """Per model size (when the rungs say theirs), the rungs from the one with the largest mean Δ on, when they
+    are at least MIN_RUNGS. A size whose Δ has not yet fallen over MIN_RUNGS rungs (still rising at its largest
+    rung, say) is left out (not_falling names it) while another size has such a branch; when none has, every
+    rung is fitted.
 
     Small models at few tokens per parameter first fall behind more as data grows (the patch model has learned
     too little to transfer), then catch up; only the catching-up branch says where Δ reaches zero, so a fit
     that includes the rising rungs would put the crossover orders of magnitude too far (regime.md).
     """
-    out = []
-    for size in sorted({size_of(r) or 0.0 for r in rungs}):
-        ordered = sorted((r for r in rungs if (size_of(r) or 0.0) == size), key=lambda r: r["tokens_per_param"])
-        means = [sum(r["deltas"]) / len(r["deltas"]) for r in ordered]
-        peak = max(range(len(ordered)), key=lambda i: means[i])
-        tail = ordered[peak:]
-        out += tail if len({r["tokens_per_param"] for r in tail}) >= MIN_RUNGS else ordered
-    return out
+    falling = [tail for _, _, tail in _branches(rungs) if len({r["tokens_per_param"] for r in tail}) >= MIN_RUNGS]
+    return sum(falling, []) if falling else list(rungs)
+
+
+def not_falling(rungs: list[dict[str, Any]]) -> list[tuple[float, dict[str, Any]]]:
+    """The sizes falling_branch leaves out, each with the rung of its largest mean Δ."""
+    used = {id(r) for r in falling_branch(rungs)}
+    return [(size, tail[0]) for size, ordered, tail in _branches(rungs) if not any(id(r) in used for r in ordered)]
 
 
 def fit_ladder(rungs: list[dict[str, Any]], *, branch: bool = True) -> LadderFit:
@@ -249,6 +261,12 @@ def advice_table(rungs: list[dict[str, Any]], *, params: int, budget: float, set
         for size in f.sizes:
             per_size.append(f"- K={k}, λ={lam:.3g}, {size:,.0f} parameters: crossover {crossing(f.crossover_at(size))}"
                             f" tokens/param")
+        for size, peak in not_falling(rs):
+            last = max(r["tokens_per_param"] for r in rs if (size_of(r) or 0.0) == size)
+            top = sum(peak["deltas"]) / len(peak["deltas"])
+            per_size.append(f"- K={k}, λ={lam:.3g}, {size:,.0f} parameters: not in the fit: Δ is largest at "
+                            f"{tpp(peak['tokens_per_param'])} tokens/param ({top:+.3f}) and has not fallen over "
+                            f"{MIN_RUNGS} rungs up to {tpp(last)}, so its crossover, if any, lies beyond")
         if hi < 0 and (best is None or mean < best[2]):
             best = (k, lam, mean, where)
     if per_size:

@@ -147,3 +147,18 @@ def test_one_measured_size_marks_every_other_size_as_extrapolated():
     assert f.predict(100, 370e6)[3] == "extrapolated (×2,410 beyond the largest measured size)"
     old = fit_ladder(synthetic(0.3, -0.1, [10, 30, 100, 300]))  # a ladder that does not record its size
     assert old.predict(100, 370e6)[3] == "extrapolated (the ladder does not record its model size)"
+
+
+def test_a_size_still_rising_at_its_largest_rung_is_left_out_and_named():
+    """A third size whose Δ still rises at its last rung says nothing about where Δ reaches 0: the fit is the two
+    falling sizes' alone (the same coefficients as without it), and the table names the size left out."""
+    falling = (synthetic(1.0, -0.2, [3, 10, 30, 100], size=1e4, c=-0.1)
+               + synthetic(1.0, -0.2, [3, 10, 30], size=1e5, c=-0.1))
+    rising = synthetic(0.1, 0.3, [1, 3, 10], size=1e6)
+    f = fit_ladder(falling + rising)
+    assert f.sizes == (1e4, 1e5) and (f.a, f.b, f.c) == pytest.approx(fit_ladder(falling).coef)
+    table = advice_table(falling + rising, params=10**5, budget=10**6)
+    assert ("1,000,000 parameters: not in the fit: Δ is largest at 10 tokens/param (+0.400) and has not fallen "
+            "over 3 rungs up to 10") in table
+    # With no size past its peak there is no branch to prefer: every rung is fitted, as before.
+    assert fit_ladder(rising).rungs == 3
