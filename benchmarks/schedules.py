@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--corpus", default=str(C.CACHE / "debian-docs" / "corpus.jsonl.gz"))
     ap.add_argument("--vocab-size", type=int, default=1024)
     ap.add_argument("--out", default=str(C.RESULTS))
+    ap.add_argument("--render", action="store_true", help="only rewrite --out/schedules.md from schedules.json")
     return ap.parse_args(argv)
 
 
@@ -69,6 +70,10 @@ def fit(base: Any, *, name: str, seed: int, tokens: int, corpus: int, storage: P
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.render:
+        res = json.loads((Path(args.out) / "schedules.json").read_text())
+        C.write_outputs(Path(args.out) / "schedules", res, tables(res), res["command"])
+        return res
     import ray
 
     from raypatch.config import parse_schedule, replace
@@ -133,28 +138,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  for s in range(args.seeds)]
     result = {"machine": C.machine(), "study": args.study, "size": args.size, "rung": args.rung,
               "params_total": total, "kernels": args.kernels, "schedule": exact, "check": {"ref": ref, "run": chk},
-              "runs": kept + new, "wall_s": time.perf_counter() - t0, "load": load.summary()}
+              "runs": kept + new, "wall_s": time.perf_counter() - t0, "load": load.summary(),
+              "command": C.command_line()}
     C.write_outputs(Path(args.out) / "schedules", result, tables(result))
     return result
 
 
+def cell(ds: list[float]) -> str:
+    return f"{statistics.mean(ds):+.4f}" + (f" ± {statistics.stdev(ds):.4f}" if len(ds) > 1 else "")
+
+
 def tables(res: dict[str, Any]) -> str:
     tok = {x["seed"]: x["val_loss"] for x in res["runs"] if x["arm"] == "token-only"}
+    two = {x["seed"]: x["val_loss"] for x in res["runs"] if x["arm"] == "two phases (E2)"}
     rows = []
     for arm in dict.fromkeys(x["arm"] for x in res["runs"]):
         at = [x for x in res["runs"] if x["arm"] == arm]
         deltas = [x["val_loss"] - tok[x["seed"]] for x in at]
+        vs_two = [x["val_loss"] - two[x["seed"]] for x in at]
         rows.append([arm, at[0]["label"], at[0]["weights"], f"{at[0]['tokens']:,}", f"{at[0]['cost']:.4f}",
                      " / ".join(f"{x['positions']:,}" for x in at), " / ".join(f"{x['val_loss']:.4f}" for x in at),
-                     f"{statistics.mean(deltas):+.4f}"
-                     + (f" ± {statistics.stdev(deltas):.4f}" if len(deltas) > 1 else "")])
+                     cell(deltas), cell(vs_two) if arm != "token-only" else "-"])
     ref, chk = res["check"]["ref"], res["check"]["run"]
     return (f"Size {res['size']} ({res['params_total']:,} parameters), rung {res['rung']:g} tokens per parameter; "
-            f"CPU kernels {res['kernels']}. Token-only and two phases are the regime study's runs ({res['study']}); "
+            f"CPU kernels {res['kernels']}. Token-only and two phases are the regime study's runs "
+            f"({Path(res['study']).name}); "
             f"the check retrained {ref['name']}: val loss {chk['val_loss']!r} (recorded {ref['val_loss']!r}). "
-            f"Δ = arm − token-only final val loss, paired by seed (mean ± sd over seeds).\n\n"
+            f"Δ = arm − token-only (or − two phases) final val loss, paired by seed (mean ± sd over seeds).\n\n"
             + C.md_table(["arm", "phases", "bag weights", "D (tokens)", "relative cost", "positions per seed",
-                          "val loss per seed", "Δ vs token-only"], rows))
+                          "val loss per seed", "Δ vs token-only", "Δ vs two phases"], rows))
 
 
 if __name__ == "__main__":
