@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import statistics
 import sys
@@ -51,21 +50,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default=str(C.RESULTS))
     ap.add_argument("--render", action="store_true", help="only rewrite --out/schedules.md from schedules.json")
     return ap.parse_args(argv)
-
-
-def fit(base: Any, *, name: str, seed: int, tokens: int, corpus: int, storage: Path, **sections: dict) -> dict:
-    """One complete fit (regime.fit_run's recipe) with extra config sections (phases, patch weights)."""
-    from raypatch.config import replace
-    from raypatch.driver import fit as driver_fit
-
-    data = {"max_tokens": tokens, "epochs": max(1, math.ceil(tokens / corpus))}
-    cfg = replace(base, seed=seed, data=data, checkpoint={"name": name, "storage_path": str(storage)}, **sections)
-    t = time.perf_counter()
-    s = driver_fit(cfg, export=False)
-    shutil.rmtree(Path(s["run_dir"]), ignore_errors=True)
-    return {"name": name, "seed": seed, "tokens": tokens, "epochs": cfg.data.epochs, "label": cfg.run_label(),
-            "weights": cfg.patch.weights, "val_loss": s["final"]["val/loss"],
-            "positions": sum(s["state"]["positions"].values()), "wall_s": time.perf_counter() - t}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -105,8 +89,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # The check: the study's smallest E2 run of this size, retrained here, must give its recorded loss.
         ref = min((x for x in runs if x["kind"] == "E2"), key=lambda x: x["tokens"])
         print(f"[check] retraining {ref['name']} ({ref['tokens']:,} tokens, {args.kernels} kernels)", flush=True)
-        chk = fit(base, name="check", seed=ref["seed"], tokens=ref["tokens"], corpus=corpus, storage=storage,
-                  patch={"k": 4, "lam": 2 / 3})
+        chk = R.fit_run(base, name="check", lam=2 / 3, seed=ref["seed"], tokens=ref["tokens"], corpus=corpus,
+                        storage=storage)
         if chk["val_loss"] != ref["val_loss"]:
             raise SystemExit(f"{ref['name']} retrained gives {chk['val_loss']!r}, the study recorded "
                              f"{ref['val_loss']!r}: the new runs would not pair with the study's (other kernels or "
@@ -117,12 +101,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         exact, d_sched, _ = schedule_split(d, parse_schedule(args.schedule), tokens_per_step=base.optim.tokens_per_step)
         new, cost = [], {"schedule": sum(x / k for k, x in parse_schedule(exact)), "power": 0.5}
         for seed in range(args.seeds):
-            for arm, tokens, sections in (
-                    ("schedule", d_sched, {"phases": {"schedule": exact}}),
-                    ("power", 2 * d, {"patch": {"k": 4, "lam": 2 / 3, "weights": args.weights}})):
+            # The schedule arm keeps base's (K, λ), which phases.schedule overrides.
+            for arm, k, lam, tokens, sections in (
+                    ("schedule", base.patch.k, base.patch.lam, d_sched, {"phases": {"schedule": exact}}),
+                    ("power", 4, 2 / 3, 2 * d, {"patch": {"weights": args.weights}})):
                 name = f"{args.size}-r{args.rung:g}-{arm}-s{seed}"
                 print(f"[{name}] D={tokens:,}", flush=True)
-                run = fit(base, name=name, seed=seed, tokens=tokens, corpus=corpus, storage=storage, **sections)
+                run = R.fit_run(base, name=name, lam=lam, seed=seed, tokens=tokens, corpus=corpus, storage=storage,
+                                k=k, **sections)
                 new.append({"arm": arm, "cost": cost[arm], **run})
                 print(f"    val loss {run['val_loss']:.4f} ({run['wall_s']:.0f} s)", flush=True)
             load.mark(f"seed {seed}")
