@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for i, r in enumerate(rungs):
             d = rung_tokens(r, total, tps)
             seeds = args.top_seeds if i >= len(rungs) - 2 else args.seeds
+            trained = False
             for seed in range(seeds):
                 for kind, lam, tokens in (("token", 0.0, d), ("E1", 2 / 3, d), ("E2", 2 / 3, 2 * d),
                                           ("control", 0.0, d // 3)):
@@ -230,8 +231,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     runs.append({"size": args.size, "rung": r, "kind": kind, "tokens_per_param": tokens / total,
                                  "tokens_per_nonemb_param": tokens / non_emb, **run})
                     print(f"    val loss {run['val_loss']:.4f} ({run['wall_s']:.0f} s)", flush=True)
-            load.mark(f"{args.size} rung {r:g}")
-            write(args, study, corpus, t0, load)
+                    trained = True
+            if trained:  # a rung with nothing left to train has no load of its own to record
+                load.mark(f"{args.size} rung {r:g}")
+                write(args, study, corpus, t0, load)
     finally:
         if started:
             ray.shutdown()
