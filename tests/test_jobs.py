@@ -46,8 +46,11 @@ def start_head(tmp: Path) -> tuple[subprocess.Popen, str, Any]:
     port, dash, agent, agent_grpc, metrics, rt_env = (_free_port() for _ in range(6))
     # RAY_API_SERVER_ADDRESS: this head's own dashboard (raypatch.cluster.start_local_ray says why), not the one a
     # local cluster of this pytest session may have put in the environment.
+    # PATH: a job's `python` is this interpreter, as on a cluster image with the venv activated, also when pytest
+    # itself was started as .venv/bin/python without activating it.
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}"}
+                        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}",
+                        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     proc = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4", "--include-dashboard=true",
