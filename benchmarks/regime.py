@@ -83,23 +83,16 @@ def params_of(cfg: Any) -> tuple[int, int]:
     return count_params(cfg.model), count_params(cfg.model, exclude_embeddings=True)
 
 
-def run_config(base: Any, *, name: str, lam: float, tokens: int, corpus: int, seed: int, storage: Path, k: int = 4,
-               **sections: dict) -> Any:
-    """One run's config: base with its seed, (K, λ), data and name; sections (e.g. phases, or patch weights) on top."""
-    from raypatch.config import replace
-
-    patch = {"lam": lam, "k": k, **sections.pop("patch", {})}
-    return replace(base, seed=seed, patch=patch, data={"max_tokens": tokens,
-                                                       "epochs": max(1, math.ceil(tokens / corpus))},
-                   checkpoint={"name": name, "storage_path": str(storage)}, **sections)
-
-
 def fit_run(base: Any, *, name: str, lam: float, tokens: int, corpus: int, seed: int, storage: Path,
             k: int = 4, **sections: dict) -> dict:
+    """One complete fit: base with its seed, (K, λ), data and name; sections (e.g. phases, patch weights) on top."""
+    from raypatch.config import replace
     from raypatch.driver import fit
 
-    cfg = run_config(base, name=name, lam=lam, tokens=tokens, corpus=corpus, seed=seed, storage=storage, k=k,
-                     **sections)
+    patch = {"lam": lam, "k": k, **sections.pop("patch", {})}
+    cfg = replace(base, seed=seed, patch=patch, data={"max_tokens": tokens,
+                                                      "epochs": max(1, math.ceil(tokens / corpus))},
+                  checkpoint={"name": name, "storage_path": str(storage)}, **sections)
     t = time.perf_counter()
     s = fit(cfg, export=False)
     shutil.rmtree(Path(s["run_dir"]), ignore_errors=True)  # checkpoints of a finished rung are not needed
