@@ -235,6 +235,36 @@ def shards(vocab_size: int, *, num_docs: int = 0, val_every: int = 50, shuffle_s
     return str(out)
 
 
+def corpus_identity(corpus: Path) -> dict[str, Any]:
+    """What names a corpus file's text: the sha256 of its uncompressed bytes (a gzip header holds a build time), and
+    the Debian package versions corpus_debian.py recorded beside it. A point release of a documentation package
+    changes the text, so a study appended to, or paired with, on a rebuilt corpus checks this, not a token count."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with gzip.open(corpus, "rb") if corpus.suffix == ".gz" else open(corpus, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    stats = corpus.parent / "stats.json"
+    versions = json.loads(stats.read_text()).get("versions", {}) if stats.exists() else {}
+    return {"file": corpus.name, "text_sha256": h.hexdigest(), "debian_versions": versions}
+
+
+def same_corpus(recorded: dict[str, Any], here: dict[str, Any], here_tokens: int) -> str:
+    """'' when a study's corpus (its recorded identity and token count) is this one, else why not, in one line."""
+    if recorded.get("corpus_tokens") != here_tokens:
+        why = f"{recorded.get('corpus_tokens', 0):,} train tokens there, {here_tokens:,} here"
+    elif "corpus_identity" in recorded and recorded["corpus_identity"]["text_sha256"] != here["text_sha256"]:
+        why = "the same token count but other text (sha256)"
+    else:
+        return ""
+    old = recorded.get("corpus_identity", {}).get("debian_versions", {})
+    moved = [f"{p} {v} -> {here['debian_versions'].get(p, '?')}" for p, v in old.items()
+             if here["debian_versions"].get(p) != v]
+    return why + ("; packages that moved: " + ", ".join(moved) if moved else
+                  "" if old else "; the study recorded no package versions (built before they were recorded)")
+
+
 def write_outputs(out_stem: Path, result: dict[str, Any], tables: str, command: str | None = None) -> None:
     """<stem>.json (everything measured) and <stem>.md (the command, the machine, the load, then plain tables).
 

@@ -10,7 +10,9 @@ navigation bars, sidebars, headers and footers, with a line break at every block
 own pod2text. Dropped: index, search and generated listing pages, pages under 400 characters of text, exact
 duplicates, and near-duplicates (MinHash over 5-word shingles, estimated Jaccard similarity >= 0.8 with a page kept
 earlier). The documents are shuffled with a fixed seed and written as corpus.jsonl.gz beside PROVENANCE.md
-(packages, versions, licences as their copyright files state them) and stats.json.
+(packages, versions, licences as their copyright files state them) and stats.json (counts and package versions).
+The text depends on the packages' versions: Debian point releases change them, so benchmarks record the text's
+sha256 and the versions with their results (_common.corpus_identity) and refuse to pair runs across corpora.
 """
 
 from __future__ import annotations
@@ -199,15 +201,18 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{pkg}: {st}", flush=True)
     random.Random(args.seed).shuffle(docs)
     tmp = out / ".corpus.jsonl.gz.tmp"
-    with gzip.open(tmp, "wt", encoding="utf-8") as g:
+    # mtime=0: the same text gives the same file, so the shard cache (keyed by the file's hash) is reused.
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
         for d in docs:
-            g.write(json.dumps({"text": d}) + "\n")
+            gz.write((json.dumps({"text": d}) + "\n").encode())
     tmp.replace(out / "corpus.jsonl.gz")
+    infos = [package_info(s[0]) for s in SOURCES]
+    # The versions name the text: Debian point releases change documentation packages, and with them the corpus
+    # (benchmarks read them through _common.corpus_identity and record them with their results).
     total = {"documents": len(docs), "chars": sum(len(d) for d in docs), "seconds": time.perf_counter() - t0,
-             "packages": stats, "seed": args.seed}
+             "packages": stats, "seed": args.seed, "versions": {i["package"]: i["version"] for i in infos}}
     (out / "stats.json").write_text(json.dumps(total, indent=1) + "\n")
-    rows = [[i["package"], i["version"], i["licences"], i["copyright"]] for i in map(package_info, [s[0] for s in
-                                                                                                      SOURCES])]
+    rows = [[i["package"], i["version"], i["licences"], i["copyright"]] for i in infos]
     (out / "PROVENANCE.md").write_text(
         "# Debian documentation corpus\n\nBuilt by `python benchmarks/corpus_debian.py` (raypatch) from these "
         "installed Debian packages; each document keeps its package's licence, as its copyright file states.\n\n"

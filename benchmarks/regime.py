@@ -153,12 +153,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--kinds: expected some of {','.join(KINDS)}, got {args.kinds}")
     started = C.start_ray()
     storage = Path(tempfile.mkdtemp(prefix="raypatch-regime-"))
-    study: dict[str, Any] = {"sizes": {}, "runs": [], "wall_s": 0.0, "history": []}
+    study: dict[str, Any] = {"sizes": {}, "runs": [], "wall_s": 0.0, "history": [], "corpus_identity": {}}
     try:
         shards = C.shards(args.vocab_size, corpus=Path(args.corpus))
         corpus = TokenStream(shards).total_tokens
+        identity = C.corpus_identity(Path(args.corpus))
+        study["corpus_identity"] = identity
         if args.append:
-            study = kept_study(Path(args.out) / "regime.json", corpus)
+            study = kept_study(Path(args.out) / "regime.json", corpus, identity)
         size = study["sizes"].get(args.size, {})
         if args.lr:
             size["lr"] = args.lr
@@ -252,20 +254,23 @@ def switch_control(args: argparse.Namespace, base: Any, corpus: int, storage: Pa
     return run
 
 
-def kept_study(path: Path, corpus: int) -> dict[str, Any]:
+def kept_study(path: Path, corpus: int, identity: dict[str, Any]) -> dict[str, Any]:
     """An earlier study on the same corpus: its sizes (config, learning rate, sweep), runs, wall-clock and the
     commands (with their load) that measured them. A study from before sizes were recorded is size s."""
     if not path.exists():
-        return {"sizes": {}, "runs": [], "wall_s": 0.0, "history": []}
+        return {"sizes": {}, "runs": [], "wall_s": 0.0, "history": [], "corpus_identity": identity}
     old = json.loads(path.read_text())
-    if old["corpus_tokens"] != corpus:
-        raise SystemExit(f"{path}: another corpus; drop --append or choose another --out")
+    why = C.same_corpus(old, identity, corpus)
+    if why:
+        raise SystemExit(f"{path}: another corpus ({why}); drop --append or choose another --out")
     if "sizes" not in old:  # the one-size study (learning rate 3e-3, set by hand; no control arm)
         old["sizes"] = {"s": {"config": old["config"], "lr": old["config"]["optim"]["lr"],
                               "params_total": old["params_total"], "params_non_embedding": old["params_non_embedding"],
                               "shape": dict(zip(("hidden", "intermediate", "layers"), SIZES["s"]))}}
         old["runs"] = [{**x, "size": "s", "name": f"s-{x['name']}"} for x in old["runs"]]
-    return {"sizes": old["sizes"], "runs": old["runs"], "wall_s": old["wall_s"], "history": old.get("history", [])}
+    # A study from before identities were recorded keeps none: its token count is all that was checked.
+    return {"sizes": old["sizes"], "runs": old["runs"], "wall_s": old["wall_s"], "history": old.get("history", []),
+            **({"corpus_identity": old["corpus_identity"]} if "corpus_identity" in old else {})}
 
 
 def write(args: argparse.Namespace, study: dict[str, Any], corpus: int, t0: float, load: Any) -> dict[str, Any]:
@@ -281,7 +286,9 @@ def write(args: argparse.Namespace, study: dict[str, Any], corpus: int, t0: floa
                     ladder.append({"k": 4, "lam": 0.667, "setting": kind, "tokens_per_param": r * 1.0,
                                    "model_params": size["params_total"], "size": name,
                                    "deltas": [x["val_loss"] - tok[x["seed"]]["val_loss"] for x in pts]})
-    result = {"machine": C.machine(), "corpus": args.corpus, "corpus_tokens": corpus, "sizes": study["sizes"],
+    result = {"machine": C.machine(), "corpus": args.corpus, "corpus_tokens": corpus,
+              **({"corpus_identity": study["corpus_identity"]} if study.get("corpus_identity") else {}),
+              "sizes": study["sizes"],
               "runs": runs, "ladder": ladder, "paper_table4": PAPER_TABLE4,
               "wall_s": study["wall_s"] + time.perf_counter() - t0, "load": load.summary(),
               "history": [*study["history"], {"command": C.command_line(), "load": load.summary()}]}
@@ -302,7 +309,11 @@ def tables(res: dict[str, Any]) -> str:
     sizes = sorted(res["sizes"].items(), key=lambda kv: kv[1].get("params_total", 0))
     head = [f"Corpus: {res['corpus_tokens']:,} train tokens of {Path(res['corpus']).name}. Δ = patch (K=4, λ=2/3) − "
             f"token-only final val loss, paired by seed (mean ± sd); E1 − control: E1 against token-only training "
-            f"on E1's token-phase data alone (< 0: the patch phase gave a head start).", ""]
+            f"on E1's token-phase data alone (< 0: the patch phase gave a head start).", "",
+            f"Corpus text sha256 {res['corpus_identity']['text_sha256']}; the Debian package versions it was built "
+            f"from are in regime.json." if "corpus_identity" in res else "The corpus was built before its text hash "
+            "and Debian package versions were recorded: a rebuild from later point releases can be another corpus, "
+            "which --append refuses (benchmarks/results/findings.md).", ""]
     shape_rows = []
     for name, z in sizes:
         sweep = ", ".join(f"{x['lr']:g}: {x['val_loss']:.4f}" for x in z.get("lr_sweep", [])) or "set by hand"

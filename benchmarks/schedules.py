@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         shards = C.shards(args.vocab_size, corpus=Path(args.corpus))
         corpus = TokenStream(shards).total_tokens
-        if corpus != study["corpus_tokens"]:
-            raise SystemExit(f"{args.study}: another corpus ({study['corpus_tokens']:,} tokens, here {corpus:,})")
+        why = C.same_corpus(study, C.corpus_identity(Path(args.corpus)), corpus)
+        if why:
+            raise SystemExit(f"{args.study}: another corpus ({why})")
         ns = argparse.Namespace(vocab_size=args.vocab_size)
         base = replace(R.base_config(ns, args.size, size["lr"], shards), scale={"cpu_kernels": args.kernels})
         if R.essentials(size["config"]) != R.essentials(base.to_dict()):
