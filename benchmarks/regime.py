@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--kinds: expected some of {','.join(KINDS)}, got {args.kinds}")
     started = C.start_ray()
     storage = Path(tempfile.mkdtemp(prefix="raypatch-regime-"))
-    study: dict[str, Any] = {"sizes": {}, "runs": [], "wall_s": 0.0, "history": [], "corpus_identity": {}}
+    study: dict[str, Any] = {"sizes": {}, "runs": [], "wall_s": 0.0, "history": []}
     try:
         shards = C.shards(args.vocab_size, corpus=Path(args.corpus))
         corpus = TokenStream(shards).total_tokens
